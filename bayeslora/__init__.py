@@ -1,0 +1,1 @@
+"""bayeslora: Bayesian-LoRA adapters for Hugging Face causal LMs, with calibrated evaluation."""

@@ -1,0 +1,5 @@
+import sys
+
+from bayeslora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""The interface every uncertainty method implements, and the method registry.
+
+All methods share one path: the same data, the same scoring (per-choice
+logits), the same training loop, the same predictive averaging and the same
+metrics. A method contributes only what differs:
+
+- `prepare`: how its adapter is built on the base model (a peft model);
+- `regulariser`: what it adds to the mean task NLL of a training step
+  (e.g. Bayesian-LoRA's beta * KL / N_train);
+- `after_training`: post-hoc fitting on the held-out validation set
+  (Laplace's prior precision, temperature scaling, TFB's variance search);
+- `draws`: one context manager per predictive sample; inside it the model
+  computes one member of the predictive mixture (a posterior draw, a dropout
+  mask, an ensemble member);
+- `adjust_logits`: a transform of per-choice logits before the softmax
+  (temperature scaling).
+
+Register a method with `@register_method`; look it up with `get_method(name)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, ContextManager
+
+import torch
+from torch import nn
+
+from bayeslora.errors import UsageError
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make `cls` available under `cls.name`."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **options: Any) -> "Method":
+    """An instance of the method called `name`; a `UsageError` lists the valid names."""
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name](**options)
+
+
+class Method:
+    """Base class: plain deterministic LoRA behaviour; subclasses override what differs."""
+
+    name: ClassVar[str]
+    #: posterior / predictive samples at test time (1 for deterministic methods)
+    default_samples: ClassVar[int] = 1
+    #: AdamW weight decay used by the training loop
+    weight_decay: ClassVar[float] = 0.0
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    @property
+    def is_stochastic(self) -> bool:
+        return self.default_samples > 1
+
+    def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
+        """Wrap the base causal LM with this method's adapter; `lora` holds r, lora_alpha, lora_dropout, target_modules."""
+        raise NotImplementedError
+
+    def regulariser(self, model: nn.Module, n_train: int) -> torch.Tensor | None:
+        """A term added to the mean training NLL of one step, or None."""
+        return None
+
+    def after_training(
+        self,
+        model: nn.Module,
+        validation_batches: list[Any],
+        choice_logits: Callable[[nn.Module, Any], torch.Tensor],
+    ) -> None:
+        """Post-hoc fitting on held-out validation data; nothing by default."""
+
+    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
+        """One context per predictive sample; deterministic methods give one empty context."""
+        yield contextlib.nullcontext()
+
+    def adjust_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-choice logits (questions x choices) -> logits fed to the softmax."""
+        return logits
