@@ -71,6 +71,10 @@ def summarise_draws(log_probs: torch.Tensor, answers: torch.Tensor) -> Predictio
     )
 
 
+def _text_length(question: Question) -> int:
+    return len(question.context) + len(question.question) + sum(len(choice) for choice in question.choices)
+
+
 def _pad_choices(logits: torch.Tensor, width: int) -> torch.Tensor:
     return nn.functional.pad(logits, (0, width - logits.shape[-1]), value=float("-inf"))
 
@@ -93,9 +97,12 @@ def predict(
         raise UsageError(f"the number of samples must be at least 1, got {n_samples}")
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
-    batches = [scorer.collate(questions[start : start + batch_size]) for start in range(0, len(questions), batch_size)]
+    # batches of similar length waste less compute on padding; results go back to the input order
+    order = sorted(range(len(questions)), key=lambda index: _text_length(questions[index]))
+    ordered = [questions[index] for index in order]
+    batches = [scorer.collate(ordered[start : start + batch_size]) for start in range(0, len(ordered), batch_size)]
     width = max(int(batch["choice_mask"].shape[1]) for batch in batches)
-    answers = torch.cat([batch["answers"] for batch in batches])
+    answers = torch.tensor([question.answer for question in questions], dtype=torch.long)
     draws = method.draws(model, n_samples, seed) if method is not None else iter([contextlib.nullcontext()])
     adjust = method.adjust_logits if method is not None else (lambda logits: logits)
 
@@ -110,4 +117,5 @@ def predict(
                     logits.append(_pad_choices(scorer.choice_logits(model, batch), width).cpu())
                     bar.update()
             per_draw.append(adjust(torch.cat(logits)).float().log_softmax(-1))
-    return summarise_draws(torch.stack(per_draw), answers)
+    original_order = torch.argsort(torch.tensor(order))
+    return summarise_draws(torch.stack(per_draw)[:, original_order], answers)

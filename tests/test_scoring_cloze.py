@@ -54,3 +54,20 @@ def test_cloze_logits_are_differentiable():
     torch.nn.functional.cross_entropy(scorer.choice_logits(model, batch), batch["answers"]).backward()
     # the prompt pass matters too: the gradient reaches through the shared key/value cache
     assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+def test_a_held_posterior_draw_covers_the_prompt_and_the_continuation_passes():
+    """Inside one held draw, the two-pass cloze scores equal one-pass hand computations under the same draw."""
+    import bayeslora
+
+    config = bayeslora.BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], prior_sd=5.0, sd_init=0.1)
+    tokenizer, model = make_tiny_tokenizer(), bayeslora.get_bayeslora_model(make_tiny_llama(), config)
+    question = load_task_file(FIXTURE)[1]
+    scorer = Scorer(tokenizer, "cloze", normalization="sum")
+    with torch.no_grad(), bayeslora.sampling(model, "sample", seed=5, hold=True):
+        logits = scorer.choice_logits(model, scorer.collate([question]))[0]
+        expected = [hand_log_likelihood(model, tokenizer, question, choice)[0] for choice in question.choices]
+        with bayeslora.sampling(model, "sample", seed=6, hold=True):  # another draw scores differently
+            other = scorer.choice_logits(model, scorer.collate([question]))[0]
+    assert logits.tolist() == pytest.approx(expected, abs=1e-4)
+    assert (logits - other).abs().max() > 1e-2
