@@ -156,6 +156,6 @@ def test_batched_group_equals_factor_by_factor():
         for factor, mean in zip(group, means):
             assert torch.allclose(mean, factor.mean_weight(), atol=1e-6)
         for factor in group:  # identity flows: the KL is deterministic, so batched and single must agree
-            for parameter in factor.flow.output_layer.parameters():
+            for parameter in [*factor.flow.output_layer.parameters(), factor.flow.affine_log_scale, factor.flow.affine_shift]:
                 parameter.zero_()
         assert torch.allclose(kl_terms(group), torch.stack([f.kl_divergence() for f in group]), rtol=1e-6)
