@@ -29,7 +29,7 @@ import bayeslora
 from bayeslora.errors import UsageError
 from bayeslora.methods.base import METHODS, Method, get_method
 from bayeslora.metrics import all_metrics
-from bayeslora.models import DEFAULT_MODEL, load_model
+from bayeslora.models import DEFAULT_MODEL, load_model, load_tokenizer
 from bayeslora.plots import save_reliability_diagram
 from bayeslora.predictive import Predictions, predict
 from bayeslora.scoring import MODES, NORMALIZATIONS, Scorer
@@ -201,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
         questions = load_task(args.task, split, source=args.source, limit=args.limit)
     else:
         questions = load_task_file(args.task_file)[: args.limit]
+    # tokenise everything before loading weights: prompt problems (e.g. labels that are not
+    # single tokens) surface in seconds, and before anything is written
+    Scorer(load_tokenizer(args.model), args.scoring, normalization=args.normalization).collate(questions)
     model, tokenizer = load_model(args.model)
     if args.adapter:
         model = attach_adapter(model, args.adapter)
