@@ -22,7 +22,6 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 import bayeslora
@@ -179,10 +178,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading data or a model."""
-    if args.scoring not in MODES:
-        raise UsageError(f"unknown scoring {args.scoring!r}; valid: {', '.join(MODES)}")
-    if args.normalization not in NORMALIZATIONS:
-        raise UsageError(f"unknown normalization {args.normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
     for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
@@ -196,6 +191,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
+    Scorer.check_settings(args.scoring, args.normalization)
     split = args.split or EVALUATION_ROLE
     if args.task:
         questions = load_task(args.task, split, source=args.source, limit=args.limit)

@@ -85,7 +85,7 @@ GOOD = json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0})
         (["--task", "mmlu_law", "--split", "train"], "has no 'train' split"),
         (["--task-file", FIXTURE, "--limit", "0"], "--limit must be at least 1, got 0"),
         (["--task-file", FIXTURE, "--model", "/no/such/folder"], "model path '/no/such/folder' does not exist"),
-        (["--task-file", FIXTURE, "--scoring", "guess"], "unknown scoring 'guess'"),
+        (["--task-file", FIXTURE, "--scoring", "guess"], "unknown scoring mode 'guess'"),
         # found only while scoring: letter labels stop at Z
         (["--task-file", lambda tmp: _bad_task_file(tmp, [json.dumps({"question": "q", "choices": ["x"] * 27, "answer": 0})])],
          "at most 26"),
