@@ -117,7 +117,7 @@ def test_plain_peft_adapter_is_evaluated_deterministically(tiny_model_dir, tmp_p
 
 
 def test_bayesian_adapter_averages_posterior_draws(tiny_model_dir, tmp_path):
-    config = bayeslora.BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], prior_sd=5.0, sd_init=0.1)
+    config = bayeslora.BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], prior_sd=5.0, sd_init=0.1, flow=False)
     bayeslora.get_bayeslora_model(make_tiny_llama(), config).save_pretrained(tmp_path / "adapter")
     output = tmp_path / "out"
     arguments = ["--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"), "--task-file", FIXTURE, "--samples", "3"]
