@@ -4,6 +4,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+# Tests run tiny tensors, for which thread start-up costs more than it saves (and on a busy
+# 2-core machine multi-threaded small ops are an order of magnitude slower).
+torch.set_num_threads(1)
+
 
 def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, layers: int = 2) -> LlamaForCausalLM:
     """A randomly initialised Llama with the module names of real ones (q_proj, v_proj, lm_head, ...)."""
