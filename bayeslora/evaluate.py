@@ -22,14 +22,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 import bayeslora
 from bayeslora.errors import UsageError
 from bayeslora.methods.base import METHODS, Method, get_method
 from bayeslora.metrics import all_metrics
-from bayeslora.models import DEFAULT_MODEL, load_model
+from bayeslora.models import DEFAULT_MODEL, load_model, load_tokenizer
 from bayeslora.plots import save_reliability_diagram
 from bayeslora.predictive import Predictions, predict
 from bayeslora.scoring import MODES, NORMALIZATIONS, Scorer
@@ -179,10 +178,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading data or a model."""
-    if args.scoring not in MODES:
-        raise UsageError(f"unknown scoring {args.scoring!r}; valid: {', '.join(MODES)}")
-    if args.normalization not in NORMALIZATIONS:
-        raise UsageError(f"unknown normalization {args.normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
     for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
@@ -196,11 +191,15 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
+    Scorer.check_settings(args.scoring, args.normalization)
     split = args.split or EVALUATION_ROLE
     if args.task:
         questions = load_task(args.task, split, source=args.source, limit=args.limit)
     else:
         questions = load_task_file(args.task_file)[: args.limit]
+    # tokenise everything before loading weights: prompt problems (e.g. labels that are not
+    # single tokens) surface in seconds, and before anything is written
+    Scorer(load_tokenizer(args.model), args.scoring, normalization=args.normalization).collate(questions)
     model, tokenizer = load_model(args.model)
     if args.adapter:
         model = attach_adapter(model, args.adapter)

@@ -79,27 +79,38 @@ def configure_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeniz
     return tokenizer
 
 
-def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer) for a Hub id, a local folder, or `"smollm2-135m"`."""
+def _resolve(name_or_path: str) -> str:
+    """Where to load from: the prepared default folder, a local folder, or the Hub id itself."""
     if name_or_path == DEFAULT_MODEL:
-        location = str(prepare_default_model())
-    elif Path(name_or_path).expanduser().is_dir():
-        location = str(Path(name_or_path).expanduser())
-    elif _looks_like_path(name_or_path) or Path(name_or_path).expanduser().exists():
+        return str(prepare_default_model())
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    if _looks_like_path(name_or_path) or Path(name_or_path).expanduser().exists():
         raise UsageError(f"model path {name_or_path!r} does not exist or is not a folder")
-    else:
-        location = name_or_path
+    return name_or_path
+
+
+def _load(loader, name_or_path: str, **options):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code)
+        return loader.from_pretrained(_resolve(name_or_path), **options)
     except OSError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(
             f"cannot load model {name_or_path!r}: not a local folder and not loadable from the Hub ({first_line})"
         ) from error
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (left padding, a pad token): cheap, so inputs can be checked before loading weights."""
+    return configure_tokenizer(_load(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code))
+
+
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer) for a Hub id, a local folder, or `"smollm2-135m"`."""
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    model = _load(AutoModelForCausalLM, name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if model.config.pad_token_id is None:
-        model.config.pad_token_id = configure_tokenizer(tokenizer).pad_token_id
-    configure_tokenizer(tokenizer)
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

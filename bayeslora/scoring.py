@@ -134,16 +134,20 @@ class Scorer:
     """Turns questions into model inputs (`collate`) and model outputs into per-choice logits."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, mode: str = "letter", normalization: str = "mean") -> None:
-        if mode not in MODES:
-            raise UsageError(f"unknown scoring mode {mode!r}; valid modes: {', '.join(MODES)}")
-        if normalization not in NORMALIZATIONS:
-            raise UsageError(f"unknown cloze normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
+        self.check_settings(mode, normalization)
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise UsageError("the tokenizer has neither a pad nor an end-of-sequence token to pad with")
         self.tokenizer = tokenizer
         self.mode = mode
         self.normalization = normalization
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @staticmethod
+    def check_settings(mode: str, normalization: str) -> None:
+        if mode not in MODES:
+            raise UsageError(f"unknown scoring mode {mode!r}; valid modes: {', '.join(MODES)}")
+        if normalization not in NORMALIZATIONS:
+            raise UsageError(f"unknown cloze normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
 
     @property
     def prompt_version(self) -> str:

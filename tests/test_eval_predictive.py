@@ -87,7 +87,7 @@ def test_deterministic_model_uses_one_draw_with_zero_mutual_information():
 
 def _bayesian_tiny_llama():
     config = bayeslora.BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"],
-                                       bayesian_modules=["q_proj", "lm_head"], prior_sd=5.0, sd_init=0.1)
+                                       bayesian_modules=["q_proj", "lm_head"], prior_sd=5.0, sd_init=0.1, flow=False)
     return bayeslora.get_bayeslora_model(make_tiny_llama(), config)
 
 

@@ -60,7 +60,7 @@ def test_a_held_posterior_draw_covers_the_prompt_and_the_continuation_passes():
     """Inside one held draw, the two-pass cloze scores equal one-pass hand computations under the same draw."""
     import bayeslora
 
-    config = bayeslora.BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], prior_sd=5.0, sd_init=0.1)
+    config = bayeslora.BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], prior_sd=5.0, sd_init=0.1, flow=False)
     tokenizer, model = make_tiny_tokenizer(), bayeslora.get_bayeslora_model(make_tiny_llama(), config)
     question = load_task_file(FIXTURE)[1]
     scorer = Scorer(tokenizer, "cloze", normalization="sum")

