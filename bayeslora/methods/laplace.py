@@ -65,8 +65,8 @@ class KroneckerPosterior:
 
     @classmethod
     def from_factors(cls, weight: nn.Parameter, a: torch.Tensor, g: torch.Tensor) -> "KroneckerPosterior":
-        eig_a, basis_a = torch.linalg.eigh(a.double())
-        eig_g, basis_g = torch.linalg.eigh(g.double())
+        eig_a, basis_a = torch.linalg.eigh(a.double().cpu())  # kept on the CPU: small, and the sampler's generator is there
+        eig_g, basis_g = torch.linalg.eigh(g.double().cpu())
         return cls(weight, eig_a.clamp_min(0), basis_a, eig_g.clamp_min(0), basis_g)
 
     def sample(self, prior_precision: float, generator: torch.Generator) -> torch.Tensor:
@@ -103,15 +103,16 @@ def kfac_factors(
     choice_logits: Callable[[nn.Module, Any], torch.Tensor],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{name: (A, G)} of the GGN of the summed NLL over `batches` (KFAC-expand, see module docstring)."""
-    sums = {name: [torch.zeros(m.in_features, m.in_features, dtype=torch.float64),
-                   torch.zeros(m.out_features, m.out_features, dtype=torch.float64), 0] for name, m in modules.items()}
+    sums = {name: [torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device),
+                   torch.zeros(m.out_features, m.out_features, dtype=torch.float64, device=m.weight.device), 0]
+            for name, m in modules.items()}
     inputs: dict[str, torch.Tensor] = {}
     reached: dict[str, torch.Tensor] = {}
 
     def forward_hook(name: str):
         def hook(module, args, output):
             inputs[name] = args[0].detach().reshape(-1, module.in_features).double()
-            reached[name] = torch.zeros(inputs[name].shape[0], dtype=torch.bool)
+            reached[name] = torch.zeros(inputs[name].shape[0], dtype=torch.bool, device=inputs[name].device)
             output.register_hook(backward_hook(name))
         return hook
 
@@ -209,7 +210,7 @@ class Laplace(MAP):
     @staticmethod
     def _answer_log_prob(model, batch, choice_logits) -> torch.Tensor:
         log_softmax = torch.log_softmax(choice_logits(model, batch).float(), -1)
-        return log_softmax.gather(1, batch["answers"].view(-1, 1)).squeeze(1)
+        return log_softmax.gather(1, batch["answers"].to(log_softmax.device).view(-1, 1)).squeeze(1)
 
     def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
         for sample in range(n_samples):

@@ -47,7 +47,7 @@ def collect_logits(
     model: nn.Module, batches: list[Any], choice_logits: Callable[[nn.Module, Any], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-choice logits and answers of all `batches`, padded to a common number of choices with -inf."""
-    logits = [choice_logits(model, batch).float() for batch in batches]
+    logits = [choice_logits(model, batch).float().cpu() for batch in batches]
     width = max(block.shape[1] for block in logits)
     padded = [torch.nn.functional.pad(block, (0, width - block.shape[1]), value=float("-inf")) for block in logits]
     return torch.cat(padded), torch.cat([batch["answers"] for batch in batches])

@@ -123,5 +123,5 @@ class TFB(MAP):
 
 def pseudo_label_nll(probs: list[torch.Tensor], labels: list[torch.Tensor]) -> float:
     """Mean -log p[label] over all batches, p clamped at 1e-12."""
-    picked = torch.cat([p.gather(1, y.view(-1, 1)).squeeze(1) for p, y in zip(probs, labels)])
+    picked = torch.cat([p.gather(1, y.view(-1, 1)).squeeze(1).cpu() for p, y in zip(probs, labels)])
     return float(-picked.clamp_min(1e-12).log().mean())
