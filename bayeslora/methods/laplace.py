@@ -106,21 +106,24 @@ def kfac_factors(
     sums = {name: [torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device),
                    torch.zeros(m.out_features, m.out_features, dtype=torch.float64, device=m.weight.device), 0]
             for name, m in modules.items()}
-    inputs: dict[str, torch.Tensor] = {}
-    reached: dict[str, torch.Tensor] = {}
+    # per module, one entry per forward call of the batch (cloze scoring calls the model twice: prompt, then
+    # the choices on the prompt's cache): the call's input rows and which rows received any gradient
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    reached: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
 
     def forward_hook(name: str):
         def hook(module, args, output):
-            inputs[name] = args[0].detach().reshape(-1, module.in_features).double()
-            reached[name] = torch.zeros(inputs[name].shape[0], dtype=torch.bool, device=inputs[name].device)
-            output.register_hook(backward_hook(name))
+            rows = args[0].detach().reshape(-1, module.in_features).double()
+            inputs[name].append(rows)
+            reached[name].append(torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device))
+            output.register_hook(backward_hook(name, len(inputs[name]) - 1))
         return hook
 
-    def backward_hook(name: str):
+    def backward_hook(name: str, call: int):
         def hook(grad):
             g = grad.detach().reshape(-1, grad.shape[-1]).double()
             sums[name][1] += g.T @ g
-            reached[name] |= (g != 0).any(-1)
+            reached[name][call] |= (g != 0).any(-1)
         return hook
 
     handles = [module.register_forward_hook(forward_hook(name)) for name, module in modules.items()]
@@ -136,12 +139,12 @@ def kfac_factors(
                 onehot[:, choice] = 1.0
                 root_column = probs[:, choice : choice + 1].sqrt() * (onehot - probs)
                 torch.autograd.grad((root_column * logits).sum(), params, retain_graph=True, allow_unused=True)
-            for name, rows in inputs.items():
-                used = rows[reached[name]]
-                sums[name][0] += used.T @ used
-                sums[name][2] += used.shape[0]
-            inputs.clear()
-            reached.clear()
+            for name in modules:
+                for rows, used in zip(inputs[name], reached[name]):
+                    sums[name][0] += rows[used].T @ rows[used]
+                    sums[name][2] += int(used.sum())
+                inputs[name].clear()
+                reached[name].clear()
     finally:
         for handle in handles:
             handle.remove()
