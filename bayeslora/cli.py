@@ -15,6 +15,7 @@ from bayeslora.errors import UsageError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "compare": ("bayeslora.compare", "every (task, method, seed) on the shared path; ACC / ECE / NLL and cost tables"),
 }
 
 
