@@ -64,6 +64,10 @@ def test_ensemble_members_train_independently_and_predict_as_separate_adapters()
     batch = toy_batches(1, seed=1)[0]
     draws = draw_logits(method, model, batch, n_samples=99)
     assert len(draws) == 3
+    for index, member in enumerate(method.members(model)):  # while a member trains, it alone is drawn
+        with member:
+            alone = draw_logits(method, model, batch, n_samples=99)
+            assert len(alone) == 1 and torch.equal(alone[0], draws[index])
     for index, drawn in enumerate(draws):
         single = get_peft_model(make_tiny_llama(0), LoraConfig(task_type="CAUSAL_LM", **LORA)).eval()
         single.load_state_dict(

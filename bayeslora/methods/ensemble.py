@@ -10,7 +10,8 @@ frozen base model, so the base weights are held once. Their initial values are
 drawn one after the other from the RNG the loop seeded before `prepare`, so
 they differ and are reproducible. Through the `members` hook the training loop
 trains each member in turn (only the active adapter requires grad, peft's
-`set_adapter`), with its own seed and data order. Prediction: one draw per
+`set_adapter`), with its own seed and data order; while a member trains, its
+draws are that member alone, so the loop's per-epoch selection judges it. Prediction: one draw per
 member (the member is the sample), so an ensemble always uses M samples,
 whatever N the other sampling methods use; the predictive averages the M
 softmaxes like any other draw set.
@@ -54,6 +55,7 @@ class Ensemble(Method):
             raise UsageError(f"ensemble members must be >= 1, got {members}")
         super().__init__(**options)
         self.n_members = members
+        self.training_member: int | None = None  # set inside `members`: the one being trained
 
     @property
     def is_stochastic(self) -> bool:
@@ -68,8 +70,20 @@ class Ensemble(Method):
 
     def members(self, model: nn.Module) -> Iterator[ContextManager]:
         for index in range(self.n_members):
-            yield active_member(model, index)
+            yield self._training(model, index)
+
+    @contextlib.contextmanager
+    def _training(self, model: nn.Module, index: int) -> Iterator[None]:
+        self.training_member = index
+        try:
+            with active_member(model, index):
+                yield
+        finally:
+            self.training_member = None
 
     def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
-        """One context per member; `n_samples` does not apply (the members are the samples)."""
-        return self.members(model)
+        """One context per member (`n_samples` does not apply: the members are the samples). While a member
+        trains, only that member: the loop's per-epoch model selection then judges the member itself."""
+        indices = range(self.n_members) if self.training_member is None else [self.training_member]
+        for index in indices:
+            yield active_member(model, index)
