@@ -269,7 +269,9 @@ def run_unit(grid: Grid, task: str, method_name: str, seed: int) -> None:
     from bayeslora.train_settings import TrainSettings
 
     directory = unit_dir(grid, task, method_name, seed)
-    settings = dataclasses.replace(TrainSettings(), **grid.train, seed=seed, method=method_name, scoring=grid.scoring)
+    # samples: the per-epoch model selection uses the same N as the reported evaluation
+    settings = dataclasses.replace(TrainSettings(), **grid.train, seed=seed, method=method_name, scoring=grid.scoring,
+                                   samples=grid.samples)
     method = get_method(method_name, **method_options_for(grid, method_name, settings.batch_size))
     model, tokenizer = load_model(grid.model)
     scorer = Scorer(tokenizer, grid.scoring)
