@@ -315,6 +315,8 @@ def run_unit(grid: Grid, task: str, method_name: str, seed: int) -> None:
         "peak_memory_kind": peak_kind,
         "trainable_parameters": n_trainable,
         "eval_seconds_per_question": {**previous.get("eval_seconds_per_question", {}), **evaluations},
+        # the method's settings and post-hoc fits (temperature T, Laplace prior precision, TFB sigma, ...)
+        "method_values": {k: v for k, v in vars(method).items() if isinstance(v, (int, float, str)) and not k.startswith("_")},
         "n_train": len(train_questions),
         "n_validation": len(validation_questions),
         "device": str(accelerator.device),

@@ -83,6 +83,8 @@ def test_smoke_preset_runs_every_method_and_a_rerun_reuses_every_unit(tmp_path, 
         assert "N = 2 for every sampling method" in markdown and "scoring: cloze" in markdown
         results = json.loads((output / "runs/smoke_arith/blob/seed-1/eval/smoke_arith/results.json").read_text())
         assert results["n_samples"] == 2 and results["method"] == "blob"
+        fitted = json.loads((output / "runs/smoke_arith/temperature/seed-1/cost.json").read_text())["method_values"]
+        assert fitted["temperature"] > 0 and fitted["temperature"] != 1.0
         ensemble = json.loads((output / "runs/smoke_arith/ensemble/seed-1/eval/smoke_arith/results.json").read_text())
         assert ensemble["n_samples"] == 3
         capsys.readouterr()
