@@ -1,0 +1,144 @@
+"""The Bayesian-LoRA model API: wrap, KL, sampling modes, save / load / export.
+
+Everything here is a thin layer over peft: `get_bayeslora_model` is
+`peft.get_peft_model` with a `BayesLoraConfig`, saving is peft's
+`save_pretrained`, loading is `PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+from torch import nn
+
+from bayeslora.config import BayesLoraConfig
+from bayeslora.inducing import SAMPLING_MODES, InducingFactor
+from bayeslora.layer import BayesLoraLinear
+
+
+def get_bayeslora_model(model: nn.Module, config: BayesLoraConfig, adapter_name: str = "default") -> PeftModel:
+    """A peft model whose LoRA factors on `config.bayesian_modules` are inducing-weight factors."""
+    if not isinstance(config, BayesLoraConfig):
+        raise TypeError(f"config must be a BayesLoraConfig, got {type(config).__name__}")
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    _check_bayesian_targets(peft_model, config, adapter_name)
+    return peft_model
+
+
+def _check_bayesian_targets(peft_model: PeftModel, config: BayesLoraConfig, adapter_name: str) -> None:
+    """Every Bayesian target got factors; every named Bayesian module matches a target."""
+    lora_targets = {
+        key: module
+        for key, module in peft_model.base_model.model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.r
+    }
+    for key, module in lora_targets.items():
+        if config.is_bayesian_module(key) and not (
+            isinstance(module, BayesLoraLinear) and module.is_bayesian_adapter(adapter_name)
+        ):
+            layer_type = type(module.get_base_layer()).__name__
+            raise ValueError(f"module {key!r} is a {layer_type}, which cannot carry Bayesian factors (nn.Linear only)")
+    if isinstance(config.bayesian_modules, list):
+        for name in config.bayesian_modules:
+            if not any(key == name or key.endswith("." + name) for key in lora_targets):
+                raise ValueError(f"bayesian_modules entry {name!r} matches no LoRA target of the model")
+
+
+def bayesian_factors(model: nn.Module) -> Iterator[InducingFactor]:
+    return (module for module in model.modules() if isinstance(module, InducingFactor))
+
+
+def is_bayesian(model: nn.Module) -> bool:
+    return any(True for _ in bayesian_factors(model))
+
+
+def kl_divergence(model: nn.Module) -> torch.Tensor:
+    """Sum of KL(q || p) over all Bayesian factors of `model` (a scalar tensor with gradient)."""
+    kls = [factor.kl_divergence() for factor in bayesian_factors(model)]
+    if not kls:
+        raise ValueError("the model has no Bayesian factors (was it built with get_bayeslora_model?)")
+    return torch.stack(kls).sum()
+
+
+def mean_lambda(model: nn.Module) -> float:
+    """Mean conditional noise scale lambda over the factors (for logging)."""
+    with torch.no_grad():
+        return torch.stack([factor.lam for factor in bayesian_factors(model)]).mean().item()
+
+
+@contextmanager
+def sampling(model: nn.Module, mode: str = "sample", seed: int | None = None, hold: bool = False):
+    """Set how every Bayesian factor of `model` draws its weight inside the block.
+
+    mode "sample": a posterior draw per forward; "mean": the deterministic limit
+    (lambda = 0, the inducing matrix at its mean, no flow noise). `seed` makes the
+    draws reproducible (one generator per device, shared by the factors in call
+    order); `hold=True` draws each factor once and reuses that draw for every
+    forward in the block, so that several forward passes (a prompt and its answer
+    choices, say) see the same posterior sample.
+    """
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"unknown sampling mode {mode!r}; valid modes: {', '.join(SAMPLING_MODES)}")
+    factors = list(bayesian_factors(model))
+    previous = [(factor.mode, factor.generator, factor.hold) for factor in factors]
+    generators: dict[torch.device, torch.Generator] = {}
+    for factor in factors:
+        generator = None
+        if seed is not None:
+            device = factor.u_mean.device
+            if device not in generators:
+                generators[device] = torch.Generator(device=device).manual_seed(seed)
+            generator = generators[device]
+        factor.reset_sampling(mode, generator, hold)
+    try:
+        yield model
+    finally:
+        for factor, state in zip(factors, previous):
+            factor.reset_sampling(*state)
+
+
+def load_bayeslora_model(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> PeftModel:
+    """Restore a Bayesian-LoRA adapter saved with `save_pretrained` onto a fresh base model."""
+    config_path = Path(directory) / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no adapter_config.json in {directory}")
+    saved = json.loads(config_path.read_text())
+    known = {f.name for f in dataclasses.fields(BayesLoraConfig) if f.init}
+    if "bayesian_modules" not in saved:
+        raise ValueError(f"{config_path} is not a Bayesian-LoRA adapter (no bayesian_modules setting)")
+    config = BayesLoraConfig(**{k: v for k, v in saved.items() if k in known})
+    return PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, config=config, is_trainable=is_trainable)
+
+
+def export_mean_lora(model: PeftModel, directory: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Write a plain peft LoRA adapter holding the posterior-mean factors (loads with PeftModel.from_pretrained)."""
+    config = model.peft_config[adapter_name]
+    plain = LoraConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init})
+    state = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not (isinstance(module, LoraLayer) and adapter_name in module.lora_A):
+                continue
+            for part in ("lora_A", "lora_B"):
+                factor = getattr(module, part)[adapter_name]
+                weight = factor.mean_weight() if isinstance(factor, InducingFactor) else factor.weight
+                state[f"{name}.{part}.weight"] = weight.detach().float().cpu().contiguous()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as staging:
+        plain.save_pretrained(staging)
+        save_file(state, Path(staging) / "adapter_model.safetensors")
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            os.replace(Path(staging) / name, directory / name)

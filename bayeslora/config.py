@@ -1,0 +1,89 @@
+"""`BayesLoraConfig`: peft's LoRA settings plus the Bayesian ones, validated when built."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft import LoraConfig
+from torch import nn
+
+
+@dataclass
+class BayesLoraConfig(LoraConfig):
+    """LoRA whose A and B factors on `bayesian_modules` are inducing-weight factors.
+
+    Defaults are the paper's (see docs/method.md): 9 x 9 whitened inducing
+    matrix per factor, prior_sd 0.1 (prior scale prior_sd / sqrt(d_in)), lambda
+    initialised at 1e-3 and clamped at 0.03, q0 standard deviation initialised
+    at 1e-3 and clamped at 0.1, a row-wise masked autoregressive flow of hidden
+    width 16 with two residual blocks followed by an element-wise affine layer.
+    """
+
+    bayesian_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Targets whose LoRA factors are Bayesian (names or a regex, as target_modules); None = all."},
+    )
+    inducing_rows: int = field(default=9, metadata={"help": "Rows m_r of each factor's inducing matrix."})
+    inducing_cols: int = field(default=9, metadata={"help": "Columns m_c of each factor's inducing matrix."})
+    prior_sd: float = field(default=0.1, metadata={"help": "Prior scale numerator: sigma_p = prior_sd / sqrt(d_in)."})
+    lambda_init: float = field(default=1e-3, metadata={"help": "Initial conditional noise scale lambda."})
+    max_lambda: float = field(default=0.03, metadata={"help": "lambda is clamped at this value."})
+    sd_init: float = field(default=1e-3, metadata={"help": "Initial standard deviation of q0 over the inducing matrix."})
+    max_sd_u: float = field(default=0.1, metadata={"help": "q0's standard deviations are clamped at this value."})
+    flow: bool = field(default=True, metadata={"help": "Push q0 through a row-wise masked autoregressive flow."})
+    flow_hidden: int = field(default=16, metadata={"help": "Hidden width of the flow's conditioner."})
+    flow_blocks: int = field(default=2, metadata={"help": "Residual blocks in the flow's conditioner."})
+    flow_output_affine: bool = field(
+        default=True,
+        metadata={"help": "Element-wise affine layer after the flow (18 parameters at 9 columns; reference count)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("inducing_rows", "inducing_cols", "flow_hidden"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.flow_blocks, int) or self.flow_blocks < 0:
+            raise ValueError(f"flow_blocks must be a non-negative integer, got {self.flow_blocks!r}")
+        for name in ("prior_sd", "lambda_init", "max_lambda", "sd_init", "max_sd_u"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.lambda_init > self.max_lambda:
+            raise ValueError(f"lambda_init={self.lambda_init} exceeds max_lambda={self.max_lambda}")
+        if isinstance(self.bayesian_modules, (list, tuple, set)):
+            self.bayesian_modules = list(self.bayesian_modules)
+            if isinstance(self.target_modules, (set, list, tuple)):
+                outside = sorted(set(self.bayesian_modules) - set(self.target_modules))
+                if outside:
+                    raise ValueError(f"bayesian_modules {outside} are not in target_modules {sorted(self.target_modules)}")
+        # peft's extension point for custom LoRA layers: every nn.Linear target gets our layer class,
+        # which keeps plain LoRA factors on non-Bayesian targets.
+        from bayeslora.layer import BayesLoraLinear
+
+        self._register_custom_module({nn.Linear: BayesLoraLinear})
+
+    def is_bayesian_module(self, key: str) -> bool:
+        """Whether the module at dotted path `key` (a LoRA target) gets Bayesian factors."""
+        if self.bayesian_modules is None:
+            return True
+        if isinstance(self.bayesian_modules, str):
+            return re.fullmatch(self.bayesian_modules, key) is not None
+        return any(key == name or key.endswith("." + name) for name in self.bayesian_modules)
+
+    def factor_settings(self) -> dict:
+        """Keyword arguments of `InducingFactor` taken from this config."""
+        return {
+            "inducing_rows": self.inducing_rows,
+            "inducing_cols": self.inducing_cols,
+            "prior_sd": self.prior_sd,
+            "lambda_init": self.lambda_init,
+            "max_lambda": self.max_lambda,
+            "sd_init": self.sd_init,
+            "max_sd_u": self.max_sd_u,
+            "flow": self.flow,
+            "flow_hidden": self.flow_hidden,
+            "flow_blocks": self.flow_blocks,
+            "flow_output_affine": self.flow_output_affine,
+        }

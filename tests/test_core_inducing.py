@@ -1,0 +1,138 @@
+"""The inducing-weight factor against independent dense references."""
+
+import math
+
+import torch
+import torch.distributions as td
+
+from bayeslora.inducing import InducingFactor, conditional_kl, inverse_softplus
+
+
+def _factor(out_features=5, in_features=7, rows=3, cols=3, **settings) -> InducingFactor:
+    torch.manual_seed(0)
+    factor = InducingFactor(out_features, in_features, rows, cols, **settings)
+    with torch.no_grad():  # well-conditioned prior-side values, so that dense references are accurate
+        factor.d_row_raw.fill_(inverse_softplus(0.5))
+        factor.d_col_raw.fill_(inverse_softplus(0.7))
+    return factor
+
+
+def _dense_conditional_covariance(factor: InducingFactor) -> torch.Tensor:
+    """I - (Z_r^T K_r^-1 Z_r) (x) (Z_c^T K_c^-1 Z_c), built from explicit inverses in float64 (row-major vec)."""
+    z_r, z_c = factor.z_row.double(), factor.z_col.double()
+    d_r = torch.nn.functional.softplus(factor.d_row_raw.double())
+    d_c = torch.nn.functional.softplus(factor.d_col_raw.double())
+    k_r = z_r @ z_r.T + torch.diag(d_r**2)
+    k_c = z_c @ z_c.T + torch.diag(d_c**2)
+    # the factor adds jitter 1e-5 * mean(diag K) before its Cholesky; the reference does the same
+    k_r = k_r + 1e-5 * k_r.diagonal().mean() * torch.eye(len(k_r), dtype=torch.float64)
+    k_c = k_c + 1e-5 * k_c.diagonal().mean() * torch.eye(len(k_c), dtype=torch.float64)
+    p_r = z_r.T @ torch.linalg.inv(k_r) @ z_r
+    p_c = z_c.T @ torch.linalg.inv(k_c) @ z_c
+    n = factor.out_features * factor.in_features
+    return torch.eye(n, dtype=torch.float64) - torch.kron(p_r, p_c)
+
+
+def test_diagonal_kl_matches_torch_distributions():
+    factor = _factor(flow=False)
+    with torch.no_grad():
+        factor.u_sd_raw.copy_(torch.rand_like(factor.u_sd_raw) - 3.0)
+    mean, sd = factor.u_mean.detach(), factor.u_sd.detach()
+    reference = td.kl_divergence(td.Normal(mean, sd), td.Normal(torch.zeros_like(mean), 1.0)).sum()
+    lam = factor.lam.detach()
+    conditional = 0.5 * 35 * (lam**2 - 1 - 2 * torch.log(lam))
+    assert torch.allclose(factor.kl_divergence().detach(), reference + conditional, rtol=1e-5)
+
+
+def test_conditional_kl_term_matches_dense_gaussians():
+    factor = _factor(max_lambda=1.0, lambda_init=0.4)
+    sigma = _dense_conditional_covariance(factor)
+    lam = factor.lam.detach().double()
+    scale = factor.prior_scale**2
+    mean = torch.randn(35, dtype=torch.float64)
+    q = td.MultivariateNormal(mean, covariance_matrix=scale * lam**2 * sigma)
+    p = td.MultivariateNormal(mean, covariance_matrix=scale * sigma)
+    reference = td.kl_divergence(q, p)
+    assert torch.allclose(conditional_kl(35, lam), reference, rtol=1e-6)
+
+
+def test_flow_kl_equals_closed_form_when_flow_is_identity():
+    with_flow, without_flow = _factor(flow=True), _factor(flow=False)
+    with torch.no_grad():
+        without_flow.u_mean.copy_(with_flow.u_mean)
+    for _ in range(3):
+        assert torch.allclose(with_flow.kl_divergence(), without_flow.kl_divergence(), rtol=1e-6)
+
+
+def test_flow_kl_average_converges_to_monte_carlo_reference():
+    factor = _factor(flow=True, max_sd_u=1.0, sd_init=0.5)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in factor.flow.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+        conditional = conditional_kl(35, factor.lam)
+        estimate = torch.stack([factor.kl_divergence() - conditional for _ in range(4000)]).mean()
+        # reference: E_q[log q(V) - log p(V)] with log q(V) = log q0(V0) - log|det dT/dV0| (change of variables)
+        q0 = td.Normal(factor.u_mean, factor.u_sd)
+        v0 = q0.sample((4000,))
+        terms = []
+        for sample in v0:
+            v, log_det = factor.flow(sample)
+            terms.append(q0.log_prob(sample).sum() - log_det - td.Normal(0.0, 1.0).log_prob(v).sum())
+        reference = torch.stack(terms)
+    standard_error = reference.std() / math.sqrt(len(reference))
+    assert abs(estimate - reference.mean()) < 5 * standard_error + 1e-3
+
+
+def test_matheron_noise_has_the_conditional_covariance():
+    factor = _factor()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        proj = factor.prior_projection()
+        noises = []
+        for _ in range(40000):
+            e1 = torch.randn(5, 7)
+            noises.append((e1 - proj.t_row @ proj.joint_prior_inducing(e1, None) @ proj.t_col).flatten())
+        noises = torch.stack(noises).double()
+    empirical = noises.T.cov()
+    reference = _dense_conditional_covariance(factor)
+    assert noises.mean(0).abs().max() < 0.03
+    assert (empirical - reference).abs().max() < 0.04
+
+
+def test_weight_samples_match_analytic_mean_and_covariance():
+    factor = _factor(flow=False, max_lambda=1.0, lambda_init=0.5, max_sd_u=1.0, sd_init=0.3)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        samples = torch.stack([factor.sample_weight().flatten() for _ in range(40000)]).double()
+        proj = factor.prior_projection()
+        # W = sigma_p (A vec(V) + lambda * noise) with A = (T_r L_r) (x) (T_c^T L_c) in row-major vec
+        a = torch.kron((proj.t_row @ proj.chol_row).double(), (proj.t_col.T @ proj.chol_col).double())
+        mean = factor.prior_scale * a @ factor.u_mean.double().flatten()
+        lam = factor.lam.double()
+        covariance = factor.prior_scale**2 * (
+            a @ torch.diag(factor.u_sd.double().flatten() ** 2) @ a.T + lam**2 * _dense_conditional_covariance(factor)
+        )
+    scale = factor.prior_scale
+    assert (samples.mean(0) - mean).abs().max() < 0.03 * scale
+    assert (samples.T.cov() - covariance).abs().max() < 0.04 * scale**2
+
+
+def test_mean_mode_is_the_noise_free_limit():
+    factor = _factor(flow=False)
+    factor.reset_sampling("mean")
+    proj = factor.prior_projection()
+    expected = factor.prior_scale * proj.t_row @ proj.unwhiten(factor.u_mean) @ proj.t_col
+    x = torch.randn(4, 7)
+    assert torch.allclose(factor(x), x @ expected.T, atol=1e-6)
+    assert torch.equal(factor(x), factor(x))
+
+
+def test_factor_maths_runs_in_fp32_under_bf16_autocast():
+    factor = InducingFactor(64, 8)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weight = factor.sample_weight()
+        out = factor(x)
+    assert weight.dtype == torch.float32
+    assert torch.isfinite(out).all()
