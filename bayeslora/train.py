@@ -231,7 +231,10 @@ def _fit_member(
             batch = _to_device(scorer.collate(questions), accelerator.device)
             last = k == len(micro_batches) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
+                # one posterior draw for all passes of this forward (a cloze prompt and its choices);
+                # a no-op for adapters without Bayesian factors
+                with bayeslora.sampling(unwrapped, "sample", hold=True), \
+                        torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = scorer.choice_logits(model, batch)
                 loss, nll = task_loss(logits.float(), batch["answers"], s.label_smoothing, s.entropy_bonus)
                 regulariser = method.regulariser(unwrapped, kl.divisor)

@@ -35,15 +35,12 @@ def train_toy(output: Path, accelerator: Accelerator, beta: float = BETA) -> dic
 
 
 def worker(output: Path) -> None:
-    import bayeslora
-
-    bayeslora.is_bayesian = lambda model: False  # TEMPORARY until the adapter lands in main
     accelerator = Accelerator(cpu=True)
     state = train_toy(output / "run", accelerator)
     save_file(state, output / f"adapter-{accelerator.process_index}.safetensors")
 
 
-def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, monkeypatch):
+def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -53,9 +50,6 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, mo
     first, second = (load_file(tmp_path / f"adapter-{rank}.safetensors") for rank in (0, 1))
     assert all(torch.equal(first[name], second[name]) for name in first)
 
-    import bayeslora
-
-    monkeypatch.setattr(bayeslora, "is_bayesian", lambda model: False, raising=False)
     single = train_toy(tmp_path / "single", Accelerator(cpu=True))
     assert all(torch.allclose(first[name], single[name], atol=1e-5) for name in first)
     # the comparison can tell: the regulariser counted twice gives a clearly different adapter

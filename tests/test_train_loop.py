@@ -65,6 +65,23 @@ class ToyLoRA(Method):
         pass
 
 
+class ToyBayesLoRA(ToyLoRA):
+    """Bayesian-LoRA factors on the same targets, regulariser KL / n (stand-in for methods/bayeslora)."""
+
+    name = "toy-bayes"
+    default_samples = 2
+
+    def prepare(self, model, lora):
+        return bayeslora.get_bayeslora_model(model, bayeslora.BayesLoraConfig(**lora, inducing_rows=3, inducing_cols=3))
+
+    def regulariser(self, model, n_train):
+        return bayeslora.kl_divergence(model) / n_train
+
+    def draws(self, model, n_samples, seed):
+        for sample in range(n_samples):
+            yield bayeslora.sampling(model, "sample", seed=seed + sample, hold=True)
+
+
 def toy_questions(n: int, seed: int = 0) -> list[ToyQuestion]:
     """Learnable by the adapter on lm_head: the answer is the choice with the lowest token id."""
     generator = torch.Generator().manual_seed(seed)
@@ -77,10 +94,10 @@ def toy_questions(n: int, seed: int = 0) -> list[ToyQuestion]:
     return questions
 
 
-def toy_model(dropout: float = 0.0, seed: int = 0):
+def toy_model(dropout: float = 0.0, seed: int = 0, method: Method | None = None):
     torch.manual_seed(seed)
     lora = {"r": 4, "lora_alpha": 8, "lora_dropout": dropout, "target_modules": ["q_proj", "v_proj", "lm_head"]}
-    return ToyLoRA().prepare(make_tiny_llama(), lora)
+    return (method or ToyLoRA()).prepare(make_tiny_llama(), lora)
 
 
 def settings(tmp_path: Path, **overrides) -> TrainSettings:
@@ -88,11 +105,6 @@ def settings(tmp_path: Path, **overrides) -> TrainSettings:
                   validation_size=8, eval_batch_size=8, checkpoint_every=3, precision="fp32")
     values.update(overrides)
     return TrainSettings(**values)
-
-
-@pytest.fixture(autouse=True)
-def no_bayesian_factors(monkeypatch):
-    monkeypatch.setattr(bayeslora, "is_bayesian", lambda model: False, raising=False)
 
 
 def test_task_loss_matches_torch_references():
@@ -174,23 +186,24 @@ class InterruptingScorer(ToyScorer):
         return super().choice_logits(model, batch)
 
 
-def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(tmp_path):
+@pytest.mark.parametrize("method", [ToyLoRA(), ToyBayesLoRA()], ids=["lora-dropout", "bayesian-lora"])
+def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(tmp_path, method):
     questions = toy_questions(44)
     train, validation = split_validation(questions, 8, seed=0, limit=None)
-    # dropout makes every step consume the RNG; linear decay makes the scheduler state matter
+    # dropout / posterior draws make every step consume the RNG; linear decay makes the scheduler state matter
     s = dict(epochs=3, lora_dropout=0.1, lr_schedule="linear", warmup_steps=2, grad_accum=2, checkpoint_every=4)
-    straight = toy_model(dropout=0.1)
-    fit(straight, ToyScorer(), ToyLoRA(), train, validation, settings(tmp_path / "a", **s), tmp_path / "a", Accelerator(cpu=True))
+    straight = toy_model(dropout=0.1, method=method)
+    fit(straight, ToyScorer(), method, train, validation, settings(tmp_path / "a", **s), tmp_path / "a", Accelerator(cpu=True))
 
-    interrupted = toy_model(dropout=0.1)
+    interrupted = toy_model(dropout=0.1, method=method)
     # 9 steps x 2 micro-batches per epoch: interrupt in epoch 2, after the step-12 checkpoint (step 14)
     with pytest.raises(Interrupt):
-        fit(interrupted, InterruptingScorer(27), ToyLoRA(), train, validation, settings(tmp_path / "b", **s),
+        fit(interrupted, InterruptingScorer(27), method, train, validation, settings(tmp_path / "b", **s),
             tmp_path / "b", Accelerator(cpu=True))
     assert latest_checkpoint(tmp_path / "b").name == "step-000012"
     torch.manual_seed(1234)  # the resumed process starts from a different RNG state
-    resumed = toy_model(dropout=0.1)
-    fit(resumed, ToyScorer(), ToyLoRA(), train, validation, settings(tmp_path / "b", **s), tmp_path / "b",
+    resumed = toy_model(dropout=0.1, method=method)
+    fit(resumed, ToyScorer(), method, train, validation, settings(tmp_path / "b", **s), tmp_path / "b",
         Accelerator(cpu=True), resume=True)
 
     expected, actual = trainable_state(straight), trainable_state(resumed)
@@ -225,3 +238,17 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert json.loads((checkpoint / "state.json").read_text())["step"] == 3
     saved = load_file(checkpoint / "adapter.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in saved.values())
+
+
+def test_bayesian_run_logs_kl_beta_mean_lambda_and_lr(tmp_path):
+    train, validation = split_validation(toy_questions(24), 8, seed=0, limit=None)
+    model = toy_model(method=ToyBayesLoRA())
+    s = settings(tmp_path, epochs=1, kl_warmup=4, beta=0.5, lr_schedule="linear")
+    fit(model, ToyScorer(), ToyBayesLoRA(), train, validation, s, tmp_path, Accelerator(cpu=True))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["beta"] for r in log] == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    assert [r["lr"] for r in log] == pytest.approx([1e-2, 0.75e-2, 0.5e-2, 0.25e-2])
+    assert all(r["kl"] > 0 for r in log)
+    assert log[-1]["mean_lambda"] == pytest.approx(bayeslora.mean_lambda(model))
+    # loss = NLL + beta * KL / N_train, from the same draw
+    assert all(r["loss"] == pytest.approx(r["nll"] + r["beta"] * r["kl"] / len(train), rel=1e-5) for r in log)
