@@ -17,6 +17,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from tests.test_train_loop import one_thread  # noqa: F401 (fixture)
+
 REPO = Path(__file__).resolve().parents[1]
 # a strong regulariser, so counting it once per process would move the adapter far from the reference
 BETA = 20.0
@@ -40,7 +42,7 @@ def worker(output: Path) -> None:
     save_file(state, output / f"adapter-{accelerator.process_index}.safetensors")
 
 
-def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
+def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, one_thread):
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
