@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
-import math
+import os
 import sys
+import tempfile
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +37,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
+from rich.console import Console
+from rich.table import Table
 from tqdm.auto import tqdm
 
 import bayeslora
@@ -46,8 +50,16 @@ from bayeslora.checkpoint import (
     save_checkpoint,
     start_run_dir,
     trainable_state,
+    write_atomically,
 )
 from bayeslora.errors import UsageError
+from bayeslora.evaluate import evaluate, write_outputs
+from bayeslora.methods import get_method
+from bayeslora.metrics import nll
+from bayeslora.models import load_model
+from bayeslora.predictive import predict
+from bayeslora.scoring import Scorer
+from bayeslora.tasks import EVALUATION_ROLE, load_task, load_task_file
 from bayeslora.schedules import KLWeighting, lr_scheduler
 from bayeslora.train_settings import TrainSettings, add_arguments, settings_from_args
 
@@ -92,22 +104,10 @@ def task_loss(logits: torch.Tensor, answers: torch.Tensor, label_smoothing: floa
     return loss.mean(), nll.mean()
 
 
-@torch.no_grad()
 def validation_nll(model: nn.Module, scorer, method, questions: Sequence, n_samples: int, seed: int, batch_size: int) -> float:
-    """NLL of the method's predictive p = mean over draws of softmax(z), on held-out questions."""
-    model.eval()
-    batches = _batches(scorer, questions, batch_size, _device(model))
-    draws = []
-    for draw in method.draws(model, n_samples, seed):
-        with draw:
-            draws.append(torch.cat([torch.log_softmax(method.adjust_logits(scorer.choice_logits(model, b)), -1) for b in batches]))
-    log_predictive = torch.logsumexp(torch.stack(draws), dim=0) - math.log(len(draws))
-    answers = torch.cat([b["answers"] for b in batches])
-    return -log_predictive.gather(1, answers[:, None]).mean().item()
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """NLL (nats per question) of the method's predictive, mean over draws of softmax(z), on held-out questions."""
+    predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size)
+    return nll(predictions.probs, predictions.answers)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -153,12 +153,14 @@ def fit(
     in its own folder `member-<index>/`; the others train directly in `output`.
     """
     members = list(method.members(model))
+    # a member is selected on its own predictive; the method's draws would switch members (an ensemble's)
+    selection_method = method if len(members) == 1 else None
     results = []
     for index, member in enumerate(members):
         folder = output if len(members) == 1 else output / f"member-{index}"
         with member:
-            results.append(_fit_member(model, scorer, method, train_questions, validation_questions, settings,
-                                       folder, accelerator, settings.seed + index,
+            results.append(_fit_member(model, scorer, method, selection_method, train_questions, validation_questions,
+                                       settings, folder, accelerator, settings.seed + index,
                                        resume=resume and latest_checkpoint(folder) is not None))
     model.eval()
     batches = partial(_batches, scorer, batch_size=settings.eval_batch_size, device=accelerator.device)
@@ -174,6 +176,7 @@ def _fit_member(
     model: nn.Module,
     scorer,
     method,
+    selection_method,
     train_questions: Sequence,
     validation_questions: Sequence,
     settings: TrainSettings,
@@ -191,7 +194,7 @@ def _fit_member(
         raise UsageError(f"batch_size {s.batch_size} exceeds the {len(train_questions)} training questions")
     steps_per_epoch = len(train_questions) // s.batch_size  # the last partial batch of an epoch is dropped
     total_steps = s.max_steps if s.max_steps is not None else s.epochs * steps_per_epoch
-    n_samples = s.samples or method.default_samples
+    n_samples = (s.samples or selection_method.default_samples) if selection_method is not None else 1
     bf16 = use_bf16(s.precision, accelerator.device)
 
     unwrapped = model.to(accelerator.device)
@@ -269,7 +272,8 @@ def _fit_member(
 
         epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
         if epoch_end and validation_questions:
-            value = validation_nll(unwrapped, scorer, method, validation_questions, n_samples, s.seed, s.eval_batch_size)
+            value = validation_nll(unwrapped, scorer, selection_method, validation_questions, n_samples, s.seed,
+                                   s.eval_batch_size)
             state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, "validation_nll": value})
             if state["best_validation_nll"] is None or value < state["best_validation_nll"]:
                 state.update(best_step=state["step"], best_validation_nll=value, epochs_without_improvement=0)
@@ -297,5 +301,92 @@ def _open_log(path: Path, keep_through_step: int):
     return path.open("a")
 
 
+def load_questions(settings: TrainSettings) -> tuple[list, list]:
+    """(training split, evaluation split): the task's train and test roles, or --task-file and --eval-file."""
+    if settings.task is not None:
+        train = load_task(settings.task, "train", source=settings.source)
+        evaluation = load_task(settings.task, EVALUATION_ROLE, source=settings.source, limit=settings.limit_eval)
+        return train, evaluation
+    evaluation = load_task_file(settings.eval_file)[: settings.limit_eval] if settings.eval_file else []
+    return load_task_file(settings.task_file), evaluation
+
+
+def evaluate_into(directory: Path, model: nn.Module, tokenizer, questions: Sequence, method, settings: TrainSettings,
+                  **description: Any) -> dict[str, Any]:
+    """The protocol's evaluation path: results.json, predictions.jsonl, reliability.png in `directory`."""
+    results, predictions = evaluate(model, tokenizer, questions, settings.scoring, method, settings.samples,
+                                    settings.seed, settings.eval_batch_size, settings.normalization, progress=True)
+    results = {"task": settings.task, "task_file": settings.eval_file, "split": EVALUATION_ROLE if settings.task else None,
+               "model": settings.model, "limit_eval": settings.limit_eval, **description, **results}
+    write_outputs(directory, results, questions, predictions)
+    return results
+
+
+def print_summary(before: dict | None, after: dict, output: Path) -> None:
+    table = Table(title=f"{after['task'] or after['task_file']}: {after['n_examples']} evaluation questions, "
+                        f"{after['scoring']} scoring")
+    for column in ("model", "draws", "ACC %", "ECE %", "NLL (nats)"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, results in (("zero-shot", before), ("fine-tuned", after)):
+        if results is not None:
+            table.add_row(name, str(results["n_samples"]), f"{results['accuracy_percent']:.1f}",
+                          f"{results['ece_percent']:.1f}", f"{results['nll']:.3f}")
+    Console().print(table)
+    print(f"reliability diagram: {output / 'reliability.png'}")
+
+
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    settings = settings_from_args(args)
+    output = Path(settings.output)
+    identity = settings.run_identity()
+    check_output_dir(output, identity, resume=args.resume, overwrite=args.overwrite)
+    train_split, evaluation = load_questions(settings)
+    train, validation = split_validation(train_split, settings.validation_size, settings.validation_seed, settings.limit_train)
+    method = get_method(settings.method, **settings.method_options)
+    model, tokenizer = load_model(settings.model)
+    scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization)
+    accelerator = Accelerator()
+    if accelerator.is_main_process:
+        start_run_dir(output, identity, resume=args.resume, overwrite=args.overwrite)
+    accelerator.wait_for_everyone()
+
+    before = None
+    if settings.zero_shot and evaluation and accelerator.is_main_process:
+        zero_shot = output / "zero_shot"
+        if (zero_shot / "results.json").is_file():  # a resumed run evaluated the base model already
+            before = json.loads((zero_shot / "results.json").read_text())
+        else:
+            before = evaluate_into(zero_shot, model, tokenizer, evaluation, None, settings, adapter=None)
+    accelerator.wait_for_everyone()
+
+    set_seed(settings.seed)  # the adapter initialisation: the same on every process
+    lora = {"r": settings.r, "lora_alpha": settings.lora_alpha, "lora_dropout": settings.lora_dropout,
+            "target_modules": list(settings.target_modules)}
+    model = method.prepare(model, lora)
+    set_seed(settings.seed, device_specific=True)  # posterior draws and dropout: one stream per process
+    try:
+        results = fit(model, scorer, method, train, validation, settings, output, accelerator, resume=args.resume)
+    except TrainingDiverged as error:
+        print(f"bayeslora: training stopped: {error}", file=sys.stderr)
+        return 1
+    if not accelerator.is_main_process:
+        return 0
+    save_adapter(model, output)
+    summary = {"n_train": len(train), "n_validation": len(validation), "members": [dataclasses.asdict(r) for r in results]}
+    write_atomically(output / "training.json", json.dumps(summary, indent=1).encode())
+    if evaluation:
+        after = evaluate_into(output, model, tokenizer, evaluation, method, settings, adapter=str(output),
+                              method_name=settings.method)
+        print_summary(before, after, output)
+    return 0
+
+
+def save_adapter(model: nn.Module, output: Path) -> None:
+    """peft's save_pretrained into a staging folder, then each file renamed into `output`."""
+    with tempfile.TemporaryDirectory(dir=output, prefix=".adapter-") as staging:
+        model.save_pretrained(staging)
+        for path in Path(staging).rglob("*"):
+            if path.is_file():
+                target = output / path.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)

@@ -37,7 +37,8 @@ class TrainSettings:
     source: str = _setting("offline", "where registry tasks come from", choices=["offline", "hub"])
     method: str = _setting("bayeslora", "uncertainty method (see bayeslora.methods)")
     method_options: dict = _setting({}, "method options (YAML only), passed to the method's constructor")
-    scoring: str = _setting("cloze", "how choices are scored", choices=["letter", "cloze"])
+    scoring: str = _setting("letter", "how choices are scored", choices=["letter", "cloze"])
+    normalization: str = _setting("mean", "cloze: mean or sum of the answer's token log-probabilities", choices=["mean", "sum"])
     output: str = _setting(None, "run directory: adapter, checkpoints, logs, results")
     # adapter
     r: int = _setting(8, "LoRA rank", type=int)
