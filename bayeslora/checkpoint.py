@@ -66,11 +66,15 @@ def check_output_dir(output: Path, identity: dict[str, Any], *, resume: bool, ov
 
 
 def _check_writable(output: Path) -> None:
+    """Create and delete a file where the run would write (permission bits alone mislead root and read-only mounts)."""
     existing = output
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"output {output} is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError:
+        raise UsageError(f"output {output} is not writable") from None
 
 
 def start_run_dir(output: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from bayeslora.errors import UsageError
+from bayeslora.models import DEFAULT_MODEL
 from bayeslora.schedules import KL_WEIGHTINGS, LR_SCHEDULES
 
 
@@ -30,7 +31,7 @@ def _setting(default: Any, help: str, **argparse_options: Any) -> Any:
 @dataclass
 class TrainSettings:
     # what to train
-    model: str = _setting(None, "Hub id, local folder or embedded model name (e.g. SmolLM2-135M)")
+    model: str = _setting(None, f"Hub id, local folder, or {DEFAULT_MODEL!r} (offline default)")
     task: str | None = _setting(None, "registry task name (e.g. arc_easy)")
     task_file: str | None = _setting(None, "JSONL file of training questions (instead of --task)")
     eval_file: str | None = _setting(None, "JSONL file of evaluation questions (with --task-file)")
@@ -91,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if setting.name == "method_options":
             continue
         options = dict(setting.metadata)
+        default = setting.default_factory() if setting.default_factory is not dataclasses.MISSING else setting.default
+        if default not in (None, [], {}):
+            options["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
         parser.add_argument("--" + setting.name.replace("_", "-"), default=argparse.SUPPRESS, **options)
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --output")

@@ -27,19 +27,37 @@ BETA = 20.0
 def train_toy(output: Path, accelerator: Accelerator, beta: float = BETA) -> dict[str, torch.Tensor]:
     from bayeslora.checkpoint import trainable_state
     from bayeslora.train import fit, split_validation
-    from tests.test_train_loop import ToyLoRA, ToyScorer, settings, toy_model, toy_questions
+    from tests.test_train_loop import ToyLoRA, fixture_questions, settings, tiny_model, tiny_scorer
 
-    train, validation = split_validation(toy_questions(40), 8, seed=0, limit=None)
+    train, validation = split_validation(fixture_questions(40), 8, seed=0, limit=None)
     s = settings(output, batch_size=8, grad_accum=2, epochs=2, beta=beta, lr=5e-3)
-    model = toy_model()
-    fit(model, ToyScorer(), ToyLoRA(), train, validation, s, output, accelerator)
+    model = tiny_model(ToyLoRA())
+    fit(model, tiny_scorer(), ToyLoRA(), train, validation, s, output, accelerator)
+    return trainable_state(model)
+
+
+def train_bayeslora(output: Path, accelerator: Accelerator) -> dict[str, torch.Tensor]:
+    """Real Bayesian-LoRA factors, a posterior draw per forward (different on each process)."""
+    from accelerate.utils import set_seed
+
+    from bayeslora.checkpoint import trainable_state
+    from bayeslora.methods import get_method
+    from bayeslora.train import fit, split_validation
+    from tests.test_train_loop import fixture_questions, settings, tiny_model, tiny_scorer
+
+    method = get_method("bayeslora", inducing_rows=3, inducing_cols=3)
+    train, validation = split_validation(fixture_questions(24), 8, seed=0, limit=None)
+    model = tiny_model(method)
+    set_seed(0, device_specific=True)
+    fit(model, tiny_scorer(), method, train, validation, settings(output, batch_size=8, epochs=1), output, accelerator)
     return trainable_state(model)
 
 
 def worker(output: Path) -> None:
     accelerator = Accelerator(cpu=True)
-    state = train_toy(output / "run", accelerator)
-    save_file(state, output / f"adapter-{accelerator.process_index}.safetensors")
+    rank = accelerator.process_index
+    save_file(train_toy(output / "toy", accelerator), output / f"toy-{rank}.safetensors")
+    save_file(train_bayeslora(output / "bayeslora", accelerator), output / f"bayeslora-{rank}.safetensors")
 
 
 def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, one_thread):
@@ -49,8 +67,10 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, on
                "--main_process_port", "29517", __file__, str(tmp_path)]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    first, second = (load_file(tmp_path / f"adapter-{rank}.safetensors") for rank in (0, 1))
+    first, second = (load_file(tmp_path / f"toy-{rank}.safetensors") for rank in (0, 1))
     assert all(torch.equal(first[name], second[name]) for name in first)
+    bayes_first, bayes_second = (load_file(tmp_path / f"bayeslora-{rank}.safetensors") for rank in (0, 1))
+    assert all(torch.equal(bayes_first[name], bayes_second[name]) for name in bayes_first)
 
     single = train_toy(tmp_path / "single", Accelerator(cpu=True))
     assert all(torch.allclose(first[name], single[name], atol=1e-5) for name in first)
