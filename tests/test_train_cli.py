@@ -72,10 +72,10 @@ def test_flags_override_the_yaml_config(tmp_path):
     "extra, message",
     [
         (["--lr", "0"], "lr must be > 0, got 0.0"),
-        (["--lr", "-1e-4"], "lr must be > 0"),
+        (["--lr=-1e-4"], "lr must be > 0, got -0.0001"),
         (["--epochs", "0"], "epochs must be > 0, got 0"),
         (["--batch-size", "0"], "batch_size must be > 0, got 0"),
-        (["--beta", "-0.5"], "beta must be >= 0, got -0.5"),
+        (["--beta=-0.5"], "beta must be >= 0, got -0.5"),
         (["--method", "bogus"], "unknown method 'bogus'"),
         (["--label-smoothing", "1.5"], "label_smoothing must be in [0, 1)"),
     ],
