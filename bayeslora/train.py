@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -227,6 +228,7 @@ def _fit_member(
         slots = range(accelerator.process_index, per_step, accelerator.num_processes)
         micro_batches = [global_batch[k * micro_batch : (k + 1) * micro_batch] for k in slots]
 
+        started = time.perf_counter()
         model.train()
         weight = kl.weight(step)
         totals = torch.zeros(3, device=accelerator.device)  # loss, nll, regulariser (this process, step means)
@@ -260,7 +262,7 @@ def _fit_member(
         state["step"] = step + 1
 
         record = {"step": step + 1, "epoch": epoch + 1, "loss": totals[0].item(), "nll": totals[1].item(),
-                  "kl": totals[2].item() * kl.divisor, "beta": weight, "lr": lr}
+                  "kl": totals[2].item() * kl.divisor, "beta": weight, "lr": lr, "seconds": time.perf_counter() - started}
         if bayeslora.is_bayesian(unwrapped):
             record["mean_lambda"] = bayeslora.mean_lambda(unwrapped)
         recent_nll.append(record["nll"])
