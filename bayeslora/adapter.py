@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bayeslora.config import BayesLoraConfig
-from bayeslora.inducing import SAMPLING_MODES, InducingFactor
+from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
 from bayeslora.layer import BayesLoraLinear
 
 
@@ -32,7 +32,37 @@ def get_bayeslora_model(model: nn.Module, config: BayesLoraConfig, adapter_name:
         raise TypeError(f"config must be a BayesLoraConfig, got {type(config).__name__}")
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     _check_bayesian_targets(peft_model, config, adapter_name)
+    return _draw_before_each_forward(peft_model)
+
+
+def _draw_before_each_forward(peft_model: PeftModel) -> PeftModel:
+    """Register the model-wide, shape-batched draw of all factors as a forward pre-hook of the base model."""
+    base = peft_model.get_base_model()
+    base.register_forward_pre_hook(lambda module, args: draw_all_factors(module))
     return peft_model
+
+
+def factor_groups(model: nn.Module) -> list[list[InducingFactor]]:
+    """The Bayesian factors of `model` grouped by signature (same shapes and settings), in module order."""
+    groups: dict[tuple, list[InducingFactor]] = {}
+    for factor in bayesian_factors(model):
+        groups.setdefault(factor.signature(), []).append(factor)
+    return list(groups.values())
+
+
+def draw_all_factors(model: nn.Module) -> None:
+    """Draw the weights of every factor for the next forward pass, one batched draw per group.
+
+    Each factor keeps its weight until the next forward pass of the model (so that activation
+    checkpointing recomputes with the same draw); held draws are kept as they are.
+    """
+    for group in factor_groups(model):
+        first = group[0]
+        if first.hold and all(factor.current_weight is not None for factor in group):
+            continue
+        for factor, weight in zip(group, draw_weights(group, first.mode, first.generator)):
+            factor.current_weight = weight
+            factor.drawn_by_model = True
 
 
 def _check_bayesian_targets(peft_model: PeftModel, config: BayesLoraConfig, adapter_name: str) -> None:
@@ -64,10 +94,10 @@ def is_bayesian(model: nn.Module) -> bool:
 
 def kl_divergence(model: nn.Module) -> torch.Tensor:
     """Sum of KL(q || p) over all Bayesian factors of `model` (a scalar tensor with gradient)."""
-    kls = [factor.kl_divergence() for factor in bayesian_factors(model)]
-    if not kls:
+    groups = factor_groups(model)
+    if not groups:
         raise ValueError("the model has no Bayesian factors (was it built with get_bayeslora_model?)")
-    return torch.stack(kls).sum()
+    return torch.stack([kl_terms(group).sum() for group in groups]).sum()
 
 
 def mean_lambda(model: nn.Module) -> float:
@@ -119,7 +149,9 @@ def load_bayeslora_model(
     if "bayesian_modules" not in saved:
         raise ValueError(f"{config_path} is not a Bayesian-LoRA adapter (no bayesian_modules setting)")
     config = BayesLoraConfig(**{k: v for k, v in saved.items() if k in known})
-    return PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, config=config, is_trainable=is_trainable)
+    return _draw_before_each_forward(
+        PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, config=config, is_trainable=is_trainable)
+    )
 
 
 def export_mean_lora(model: PeftModel, directory: str | os.PathLike, adapter_name: str = "default") -> None:

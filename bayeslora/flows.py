@@ -22,6 +22,9 @@ transform; with 9 features, hidden width 16 and two residual blocks the flow
 then has 1,554 + 18 parameters, the setting that reproduces the paper's
 parameter count (see `BayesLoraConfig.flow_output_affine`).
 
+All G flows of the same shape in a model run as one batched computation
+(`apply_stacked`), which is what keeps the adapter's per-step overhead small.
+
 Written here rather than taken from a flow library: the maintained libraries
 (zuko, normflows, nflows) build conditional distributions or whole flows with
 their own parameterisations and parameter counts; what we need is one
@@ -36,6 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def stack_parameters(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Parameters of same-shaped modules stacked along a new leading dimension (differentiable)."""
+    named = [dict(module.named_parameters()) for module in modules]
+    return {name: torch.stack([params[name] for params in named]) for name in named[0]}
+
+
 class MaskedLinear(nn.Linear):
     """A linear layer whose weight is multiplied by a fixed 0/1 connectivity mask."""
 
@@ -43,20 +52,10 @@ class MaskedLinear(nn.Linear):
         super().__init__(in_features, out_features)
         self.register_buffer("mask", mask.float(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
-
-
-class MaskedResidualBlock(nn.Module):
-    """h + W2 relu(W1 relu(h)), both layers masked so degrees never decrease."""
-
-    def __init__(self, width: int, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.first = MaskedLinear(width, width, mask)
-        self.second = MaskedLinear(width, width, mask)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.second(F.relu(self.first(F.relu(h))))
+    def apply_stacked(self, params: dict[str, torch.Tensor], prefix: str, x: torch.Tensor) -> torch.Tensor:
+        """The layer with weights `params[prefix + "weight"]` stacked over groups: (G, n, in) -> (G, n, out)."""
+        weight = params[prefix + "weight"] * self.mask
+        return torch.baddbmm(params[prefix + "bias"].unsqueeze(1), x, weight.mT)
 
 
 class RowwiseAutoregressiveFlow(nn.Module):
@@ -69,29 +68,39 @@ class RowwiseAutoregressiveFlow(nn.Module):
         # hidden units cycle through degrees 1..features-1 (MADE): unit of degree k sees inputs 1..k
         hidden_degrees = torch.arange(hidden) % max(1, features - 1) + min(1, features - 1)
         self.input_layer = MaskedLinear(features, hidden, hidden_degrees[:, None] >= input_degrees[None, :])
+        block_mask = hidden_degrees[:, None] >= hidden_degrees[None, :]
         self.blocks = nn.ModuleList(
-            MaskedResidualBlock(hidden, hidden_degrees[:, None] >= hidden_degrees[None, :]) for _ in range(blocks)
+            nn.ModuleDict({"first": MaskedLinear(hidden, hidden, block_mask), "second": MaskedLinear(hidden, hidden, block_mask)})
+            for _ in range(blocks)
         )
         # outputs for feature i (shift and log-scale) may only see hidden units of degree < i
         output_degrees = input_degrees.repeat(2)
         self.output_layer = MaskedLinear(hidden, 2 * features, output_degrees[:, None] > hidden_degrees[None, :])
         nn.init.zeros_(self.output_layer.weight)
         nn.init.zeros_(self.output_layer.bias)
+        self.output_affine = output_affine
         if output_affine:
             self.affine_log_scale = nn.Parameter(torch.zeros(features))
             self.affine_shift = nn.Parameter(torch.zeros(features))
-        else:
-            self.affine_log_scale = self.affine_shift = None
 
     def forward(self, v0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows x features -> (transformed rows, total log|det Jacobian| as a scalar)."""
-        h = self.input_layer(v0)
-        for block in self.blocks:
-            h = block(h)
-        shift, log_scale = self.output_layer(h).chunk(2, dim=-1)
+        v, log_det = self.apply_stacked(stack_parameters([self]), v0.unsqueeze(0))
+        return v[0], log_det[0]
+
+    def apply_stacked(self, params: dict[str, torch.Tensor], v0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """G flows of this shape at once: parameters stacked over G, v0 of shape (G, rows, features).
+
+        Returns the transformed rows (G, rows, features) and the log-determinants (G,).
+        """
+        h = self.input_layer.apply_stacked(params, "input_layer.", v0)
+        for index, block in enumerate(self.blocks):
+            inner = block["first"].apply_stacked(params, f"blocks.{index}.first.", F.relu(h))
+            h = h + block["second"].apply_stacked(params, f"blocks.{index}.second.", F.relu(inner))
+        shift, log_scale = self.output_layer.apply_stacked(params, "output_layer.", h).chunk(2, dim=-1)
         v = v0 * torch.exp(log_scale) + shift
-        log_det = log_scale.sum()
-        if self.affine_log_scale is not None:
-            v = v * torch.exp(self.affine_log_scale) + self.affine_shift
-            log_det = log_det + v0.shape[0] * self.affine_log_scale.sum()
+        log_det = log_scale.sum(dim=(-2, -1))
+        if self.output_affine:
+            v = v * torch.exp(params["affine_log_scale"]).unsqueeze(1) + params["affine_shift"].unsqueeze(1)
+            log_det = log_det + v0.shape[1] * params["affine_log_scale"].sum(-1)
         return v, log_det

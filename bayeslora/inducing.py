@@ -36,7 +36,12 @@ KL(q || p) per factor, in whitened coordinates:
   + (d_out d_in / 2) (lambda^2 - 1 - 2 log lambda)          exact conditional term
 
 The middle term is zero when the flow is the identity, so the Monte Carlo KL
-then equals the closed form exactly. All factor maths runs in fp32 with
+then equals the closed form exactly.
+
+Speed: a model has many factors of few distinct shapes (all q_proj A factors,
+say). The maths below is written for a stack of G same-shaped factors at once
+(`draw_weights`, `kl_terms`), so that a model-wide draw costs a few dozen
+batched operations per shape instead of a few dozen per factor. All factor maths runs in fp32 with
 autocast disabled, whatever precision the surrounding model uses: the
 Cholesky factorisations of Z Z^T + D^2 are not reliable in bf16.
 """
@@ -44,12 +49,13 @@ Cholesky factorisations of Z Z^T + D^2 are not reliable in bf16.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bayeslora.flows import RowwiseAutoregressiveFlow
+from bayeslora.flows import RowwiseAutoregressiveFlow, stack_parameters
 
 SAMPLE, MEAN = "sample", "mean"
 SAMPLING_MODES = (SAMPLE, MEAN)
@@ -60,8 +66,8 @@ def inverse_softplus(y: float) -> float:
 
 
 def gaussian_kl_to_standard(mean: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, diag(sd^2)) || N(0, I)) = 1/2 sum(sd^2 + mean^2 - 1 - 2 log sd)."""
-    return 0.5 * (sd.square() + mean.square() - 1.0 - 2.0 * sd.log()).sum()
+    """KL(N(mean, diag(sd^2)) || N(0, I)) = 1/2 sum(sd^2 + mean^2 - 1 - 2 log sd), summed over the last two dims."""
+    return 0.5 * (sd.square() + mean.square() - 1.0 - 2.0 * sd.log()).sum(dim=(-2, -1))
 
 
 def conditional_kl(entries: int, lam: torch.Tensor) -> torch.Tensor:
@@ -69,54 +75,17 @@ def conditional_kl(entries: int, lam: torch.Tensor) -> torch.Tensor:
     return 0.5 * entries * (lam.square() - 1.0 - 2.0 * lam.log())
 
 
-class PriorProjection:
-    """The prior-side quantities of one factor, computed once per draw from Z and D.
-
-    Whitening makes the projections cheap: with K = L L^T,
-    T_r U T_c = Z_r^T K_r^-1 L_r V L_c^T K_c^-1 Z_c = A_r^T V A_c with A = L^-1 Z,
-    so one triangular solve per side replaces the Cholesky solves.
-    """
-
-    def __init__(self, z_row: torch.Tensor, z_col: torch.Tensor, d_row: torch.Tensor, d_col: torch.Tensor) -> None:
-        self.d_row, self.d_col = d_row, d_col
-        self.chol_row = _jittered_cholesky(z_row @ z_row.T + torch.diag(d_row.square()))
-        self.chol_col = _jittered_cholesky(z_col @ z_col.T + torch.diag(d_col.square()))
-        self.a_row = torch.linalg.solve_triangular(self.chol_row, z_row, upper=False)  # L_r^-1 Z_r : m_r x d_out
-        self.a_col = torch.linalg.solve_triangular(self.chol_col, z_col, upper=False)  # L_c^-1 Z_c : m_c x d_in
-
-    def project(self, v: torch.Tensor) -> torch.Tensor:
-        """T_r U T_c for the whitened inducing matrix V (U = L_r V L_c^T)."""
-        return self.a_row.T @ v @ self.a_col
-
-    def whitened_joint_prior_inducing(self, e1: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """L_r^-1 U_bar L_c^-T for U_bar drawn jointly with E1 from the prior (Matheron's rule)."""
-        m_r, m_c = self.d_row.numel(), self.d_col.numel()
-        e2 = torch.randn(m_r, m_c, generator=generator, device=e1.device)
-        e3 = torch.randn(m_r, self.a_col.shape[1], generator=generator, device=e1.device)
-        # L_r^-1 (Z_r E1 Z_c^T) L_c^-T = A_r E1 A_c^T
-        from_e1 = self.a_row @ (e1 @ self.a_col.T)
-        # L_r^-1 (L_r E2 D_c) L_c^-T = (E2 D_c) L_c^-T
-        from_e2 = torch.linalg.solve_triangular(self.chol_col.T, e2 * self.d_col, upper=True, left=False)
-        # L_r^-1 (D_r E3 Z_c^T) L_c^-T = L_r^-1 D_r (E3 A_c^T)
-        from_e3 = torch.linalg.solve_triangular(
-            self.chol_row, self.d_row[:, None] * (e3 @ self.a_col.T), upper=False
-        )
-        return from_e1 + from_e2 + from_e3
-
-
-def _jittered_cholesky(k: torch.Tensor) -> torch.Tensor:
-    jitter = 1e-5 * k.diagonal().mean()
-    return torch.linalg.cholesky(k + jitter * torch.eye(k.shape[0], dtype=k.dtype, device=k.device))
-
-
 class InducingFactor(nn.Module):
     """A `d_out x d_in` random factor matrix; calling it on `x` computes `x @ W^T` for one draw of `W`.
 
     Sampling state (set by `bayeslora.sampling`):
-      mode "sample": a fresh posterior draw of W at every call (default);
+      mode "sample": a fresh posterior draw of W for every forward pass (default);
       mode "mean":   the deterministic limit: lambda = 0 and V = T(M) (no q0 or conditional noise);
       generator:     a seeded `torch.Generator` makes the draws reproducible;
-      hold:          draw once, then reuse that W for every call until the state is reset.
+      hold:          draw once, then reuse that W until the state is reset.
+    Inside a Bayesian-LoRA model the draws of all factors are made together, batched by shape,
+    just before each forward pass of the model (see `adapter`); a factor called on its own
+    draws for itself.
     """
 
     def __init__(
@@ -151,14 +120,21 @@ class InducingFactor(nn.Module):
         )
         self.reset_sampling()
 
+    def signature(self) -> tuple:
+        """Factors with equal signatures can be drawn together as one batch."""
+        flow = None if self.flow is None else tuple((n, p.shape) for n, p in self.flow.named_parameters())
+        return (tuple(self.z_row.shape), tuple(self.z_col.shape), self.prior_scale, self.max_lambda,
+                self.max_sd_u, flow, self.u_mean.device)
+
     # ----- sampling state -------------------------------------------------------------
     def reset_sampling(self, mode: str = SAMPLE, generator: torch.Generator | None = None, hold: bool = False) -> None:
         if mode not in SAMPLING_MODES:
             raise ValueError(f"unknown sampling mode {mode!r}; valid modes: {', '.join(SAMPLING_MODES)}")
         self.mode, self.generator, self.hold = mode, generator, hold
-        self._held_weight: torch.Tensor | None = None
+        self.current_weight: torch.Tensor | None = None
+        self.drawn_by_model = False
 
-    # ----- constrained parameters --------------------------------------------------
+    # ----- constrained parameters (for inspection and logging) -------------------------
     @property
     def lam(self) -> torch.Tensor:
         return F.softplus(self.lambda_raw.float()).clamp(max=self.max_lambda)
@@ -167,58 +143,99 @@ class InducingFactor(nn.Module):
     def u_sd(self) -> torch.Tensor:
         return F.softplus(self.u_sd_raw.float()).clamp(max=self.max_sd_u)
 
-    def prior_projection(self) -> PriorProjection:
-        return PriorProjection(
-            self.z_row.float(), self.z_col.float(), F.softplus(self.d_row_raw.float()), F.softplus(self.d_col_raw.float())
-        )
-
-    # ----- the posterior -------------------------------------------------------------
-    def whitened_inducing(self, generator: torch.Generator | None = None, mean: bool = False) -> torch.Tensor:
-        """V = T(V0) for V0 ~ q0, or V = T(M) when `mean`."""
-        v0 = self.u_mean.float()
-        if not mean:
-            v0 = v0 + self.u_sd * torch.randn(v0.shape, generator=generator, device=v0.device)
-        return v0 if self.flow is None else self.flow(v0)[0]
-
+    # ----- one factor: thin wrappers of the batched maths ------------------------------
     def mean_weight(self) -> torch.Tensor:
         """sigma_p * T_r U T_c with U at the posterior's deterministic point (no noise anywhere)."""
-        with _fp32_region(self.u_mean):
-            return self.prior_scale * self.prior_projection().project(self.whitened_inducing(mean=True))
+        return draw_weights([self], MEAN)[0]
 
     def sample_weight(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """One posterior draw of W (reparameterised: differentiable in every posterior parameter)."""
-        with _fp32_region(self.u_mean):
-            proj = self.prior_projection()
-            v = self.whitened_inducing(generator)
-            lam = self.lam
-            e1 = torch.randn(self.out_features, self.in_features, generator=generator, device=v.device)
-            v_bar = proj.whitened_joint_prior_inducing(e1, generator)
-            return self.prior_scale * (proj.project(v - lam * v_bar) + lam * e1)
-
-    def weight_for_forward(self) -> torch.Tensor:
-        if self.hold and self._held_weight is not None:
-            return self._held_weight
-        weight = self.mean_weight() if self.mode == MEAN else self.sample_weight(self.generator)
-        if self.hold:
-            self._held_weight = weight
-        return weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_for_forward()
-        return F.linear(x.to(weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x, weight)
+        return draw_weights([self], SAMPLE, generator)[0]
 
     def kl_divergence(self) -> torch.Tensor:
         """KL(q(U) q(W|U) || p(U) p(W|U)); one-sample Monte Carlo for the flow part (see module docstring)."""
-        with _fp32_region(self.u_mean):
-            mean, sd = self.u_mean.float(), self.u_sd
-            kl = gaussian_kl_to_standard(mean, sd)
-            if self.flow is not None:
-                v0 = mean + sd * torch.randn_like(mean)
-                v, log_det = self.flow(v0)
-                kl = kl + 0.5 * (v.square().sum() - v0.square().sum()) - log_det
-            return kl + conditional_kl(self.out_features * self.in_features, self.lam)
+        return kl_terms([self])[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.current_weight is None:
+            self.current_weight = draw_weights([self], self.mode, self.generator)[0]
+        weight = self.current_weight
+        if not (self.hold or self.drawn_by_model):  # called on its own: the next call draws afresh
+            self.current_weight = None
+        return F.linear(x if torch.is_autocast_enabled(x.device.type) else x.to(weight.dtype), weight)
 
 
 def _fp32_region(reference: torch.Tensor) -> torch.autocast:
     """Autocast disabled on the device of `reference`: the factor's maths must run in fp32."""
     return torch.autocast(device_type=reference.device.type, enabled=False)
+
+
+def _stacked(factors: Sequence[InducingFactor]) -> dict[str, torch.Tensor]:
+    return {name: value.float() for name, value in stack_parameters(list(factors)).items()}
+
+
+def _flow_parameters(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name.removeprefix("flow."): value for name, value in params.items() if name.startswith("flow.")}
+
+
+def _jittered_cholesky(k: torch.Tensor) -> torch.Tensor:
+    jitter = 1e-5 * k.diagonal(dim1=-2, dim2=-1).mean(-1)
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    return torch.linalg.cholesky(k + jitter[:, None, None] * eye)
+
+
+def draw_weights(
+    factors: Sequence[InducingFactor], mode: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Weights (G, d_out, d_in) of G factors of one signature: posterior draws, or the mean limit.
+
+    With K = L L^T and A = L^-1 Z, T_r U T_c = A_r^T V A_c, and the Matheron-rule term
+    L_r^-1 U_bar L_c^-T = A_r E1 A_c^T + (E2 D_c) L_c^-T + L_r^-1 D_r (E3 A_c^T).
+    """
+    template = factors[0]
+    with _fp32_region(template.u_mean):
+        p = _stacked(factors)
+        d_row, d_col = F.softplus(p["d_row_raw"]), F.softplus(p["d_col_raw"])
+        chol_row = _jittered_cholesky(p["z_row"] @ p["z_row"].mT + torch.diag_embed(d_row.square()))
+        chol_col = _jittered_cholesky(p["z_col"] @ p["z_col"].mT + torch.diag_embed(d_col.square()))
+        a_row = torch.linalg.solve_triangular(chol_row, p["z_row"], upper=False)  # L_r^-1 Z_r : G x m_r x d_out
+        a_col = torch.linalg.solve_triangular(chol_col, p["z_col"], upper=False)  # L_c^-1 Z_c : G x m_c x d_in
+
+        def random(*shape: int) -> torch.Tensor:
+            return torch.randn(len(factors), *shape, generator=generator, device=a_row.device)
+
+        v0 = p["u_mean"]
+        if mode == SAMPLE:
+            sd = F.softplus(p["u_sd_raw"]).clamp(max=template.max_sd_u)
+            v0 = v0 + sd * random(*v0.shape[1:])
+        v = v0 if template.flow is None else template.flow.apply_stacked(_flow_parameters(p), v0)[0]
+        if mode == MEAN:
+            return template.prior_scale * (a_row.mT @ v @ a_col)
+
+        lam = F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda)[:, None, None]
+        m_r, m_c, d_in = v.shape[1], v.shape[2], a_col.shape[2]
+        e1 = random(template.out_features, d_in)
+        e2, e3 = random(m_r, m_c), random(m_r, d_in)
+        e3_projected = e3 @ a_col.mT
+        v_bar = (
+            a_row @ (e1 @ a_col.mT)
+            + torch.linalg.solve_triangular(chol_col.mT, e2 * d_col[:, None, :], upper=True, left=False)
+            + torch.linalg.solve_triangular(chol_row, d_row[:, :, None] * e3_projected, upper=False)
+        )
+        return template.prior_scale * (a_row.mT @ (v - lam * v_bar) @ a_col + lam * e1)
+
+
+def kl_terms(factors: Sequence[InducingFactor]) -> torch.Tensor:
+    """KL(q || p) of each of G factors of one signature, shape (G,)."""
+    template = factors[0]
+    with _fp32_region(template.u_mean):
+        p = _stacked(factors)
+        mean = p["u_mean"]
+        sd = F.softplus(p["u_sd_raw"]).clamp(max=template.max_sd_u)
+        kl = gaussian_kl_to_standard(mean, sd)
+        if template.flow is not None:
+            v0 = mean + sd * torch.randn_like(mean)
+            v, log_det = template.flow.apply_stacked(_flow_parameters(p), v0)
+            kl = kl + 0.5 * (v.square().sum(dim=(-2, -1)) - v0.square().sum(dim=(-2, -1))) - log_det
+        lam = F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda)
+        return kl + conditional_kl(template.out_features * template.in_features, lam)

@@ -141,3 +141,21 @@ def test_factor_maths_runs_in_fp32_under_bf16_autocast():
         out = factor(x)
     assert weight.dtype == torch.float32
     assert torch.isfinite(out).all()
+
+
+def test_batched_group_equals_factor_by_factor():
+    from bayeslora.inducing import draw_weights, kl_terms
+
+    torch.manual_seed(4)
+    group = [InducingFactor(6, 4, 3, 3) for _ in range(3)]
+    with torch.no_grad():
+        for factor in group:  # distinct, non-identity flows
+            for parameter in factor.flow.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        means = draw_weights(group, "mean")
+        for factor, mean in zip(group, means):
+            assert torch.allclose(mean, factor.mean_weight(), atol=1e-6)
+        for factor in group:  # identity flows: the KL is deterministic, so batched and single must agree
+            for parameter in [*factor.flow.output_layer.parameters(), factor.flow.affine_log_scale, factor.flow.affine_shift]:
+                parameter.zero_()
+        assert torch.allclose(kl_terms(group), torch.stack([f.kl_divergence() for f in group]), rtol=1e-6)
