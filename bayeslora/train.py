@@ -37,9 +37,9 @@ from typing import Any, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch import nn
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 from tqdm.auto import tqdm
 
 import bayeslora
@@ -60,8 +60,8 @@ from bayeslora.metrics import nll
 from bayeslora.models import load_model
 from bayeslora.predictive import predict
 from bayeslora.scoring import Scorer
-from bayeslora.tasks import EVALUATION_ROLE, load_task, load_task_file
 from bayeslora.schedules import KLWeighting, lr_scheduler
+from bayeslora.tasks import EVALUATION_ROLE, load_task, load_task_file
 from bayeslora.train_settings import TrainSettings, add_arguments, settings_from_args
 
 __all__ = ["TrainingDiverged", "fit", "add_arguments", "run"]
