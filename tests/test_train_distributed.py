@@ -9,6 +9,7 @@ regulariser counted once per step, not once per process.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,11 +61,17 @@ def worker(output: Path) -> None:
     save_file(train_bayeslora(output / "bayeslora", accelerator), output / f"bayeslora-{rank}.safetensors")
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, one_thread):
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "29517", __file__, str(tmp_path)]
+               "--main_process_port", str(free_port()), __file__, str(tmp_path)]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     first, second = (load_file(tmp_path / f"toy-{rank}.safetensors") for rank in (0, 1))
