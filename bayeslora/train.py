@@ -347,7 +347,13 @@ def run(args: argparse.Namespace) -> int:
     method = get_method(settings.method, **settings.method_options)
     model, tokenizer = load_model(settings.model)
     scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization)
-    accelerator = Accelerator()
+    # fail before writing anything if this tokenizer cannot score the task (e.g. letter labels that are not tokens)
+    scorer.collate([max([*train, *evaluation], key=lambda question: len(question.choices))])
+    # without a GPU, accelerate runs several launched processes as one gloo group only when told cpu=True
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        raise UsageError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
+                         f"{accelerator.num_processes}; check the accelerate launch settings")
     if accelerator.is_main_process:
         start_run_dir(output, identity, resume=args.resume, overwrite=args.overwrite)
     accelerator.wait_for_everyone()
