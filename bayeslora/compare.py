@@ -248,13 +248,6 @@ def trainable_parameters(model, method) -> int:
     return total
 
 
-def method_options_for(grid: Grid, name: str, batch_size: int) -> dict[str, Any]:
-    options = dict(grid.method_options.get(name, {}))
-    if name == "blob":  # BLoB's KL re-weighting runs over the epoch's minibatches: it needs the loop's batch size
-        options.setdefault("batch_size", batch_size)
-    return options
-
-
 def run_unit(grid: Grid, task: str, method_name: str, seed: int) -> None:
     """Train (or resume) one unit, evaluate what is missing, then write cost.json."""
     import torch
@@ -272,7 +265,7 @@ def run_unit(grid: Grid, task: str, method_name: str, seed: int) -> None:
     # samples: the per-epoch model selection uses the same N as the reported evaluation
     settings = dataclasses.replace(TrainSettings(), **grid.train, seed=seed, method=method_name, scoring=grid.scoring,
                                    samples=grid.samples)
-    method = get_method(method_name, **method_options_for(grid, method_name, settings.batch_size))
+    method = get_method(method_name, **grid.method_options.get(method_name, {}))
     model, tokenizer = load_model(grid.model)
     scorer = Scorer(tokenizer, grid.scoring)
     set_seed(seed)  # the adapter initialisation depends on the seed

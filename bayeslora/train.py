@@ -242,7 +242,7 @@ def _fit_member(
                         torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = scorer.choice_logits(model, batch)
                 loss, nll = task_loss(logits.float(), batch["answers"], s.label_smoothing, s.entropy_bonus)
-                regulariser = method.regulariser(unwrapped, kl.divisor)
+                regulariser = method.regulariser(unwrapped, kl.divisor, position, steps_per_epoch)
                 if regulariser is not None:
                     loss = loss + weight * regulariser
                 accelerator.backward(loss / len(micro_batches))

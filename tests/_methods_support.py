@@ -56,7 +56,7 @@ def fit(method, batches, steps: int = 30, lr: float = 1e-2, seed: int = 0, model
             for step in range(steps):
                 batch = batches[step % len(batches)]
                 loss = torch.nn.functional.cross_entropy(choice_logits(model, batch), batch["answers"])
-                extra = method.regulariser(model, n_train)
+                extra = method.regulariser(model, n_train, step % len(batches), len(batches))
                 if extra is not None:
                     loss = loss + extra
                 optimiser.zero_grad()

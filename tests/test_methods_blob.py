@@ -39,10 +39,10 @@ def test_kl_reweighting_is_blundells_schedule():
     weights = [kl_reweighting(i, m) for i in range(1, m + 1)]
     assert weights == [2**i / (2 ** (m + 1) - 1) for i in range(1, m + 1)]
     assert math.isclose(sum(kl_reweighting(i, 400) for i in range(1, 401)), 1.0)
-    method = get_method("blob", batch_size=4)
+    method = get_method("blob")
     model = method.prepare(make_tiny_llama(), dict(LORA))
     kl = method.kl_divergence(model)
-    seen = [float(method.regulariser(model, n_train=10).detach() / kl.detach()) for _ in range(4)]  # M = ceil(10 / 4) = 3
+    seen = [float(method.regulariser(model, 10, step % 3, 3).detach() / kl.detach()) for step in range(4)]  # M = 3
     assert seen == pytest.approx([2 / 15, 4 / 15, 8 / 15, 2 / 15], rel=1e-5)
 
 

@@ -68,8 +68,14 @@ class Method:
         """Wrap the base causal LM with this method's adapter; `lora` holds r, lora_alpha, lora_dropout, target_modules."""
         raise NotImplementedError
 
-    def regulariser(self, model: nn.Module, n_train: int) -> torch.Tensor | None:
-        """A term added to the mean training NLL of one step, or None."""
+    def regulariser(
+        self, model: nn.Module, n_train: int, step_in_epoch: int = 0, batches_per_epoch: int = 1
+    ) -> torch.Tensor | None:
+        """A term added to the mean training NLL of one step, or None.
+
+        `n_train` is the loop's KL divisor; `step_in_epoch` (0-based) and `batches_per_epoch` say where the
+        step stands in its epoch, for methods whose weighting follows the minibatch index (BLoB).
+        """
         return None
 
     def members(self, model: nn.Module) -> Iterator[ContextManager]:

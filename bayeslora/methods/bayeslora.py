@@ -36,7 +36,9 @@ class BayesLora(Method):
         settings = {key: lora[key] for key in LORA_KEYS if key in lora}
         return bayeslora.get_bayeslora_model(model, bayeslora.BayesLoraConfig(**settings, **self.options))
 
-    def regulariser(self, model: nn.Module, n_train: int) -> torch.Tensor:
+    def regulariser(
+        self, model: nn.Module, n_train: int, step_in_epoch: int = 0, batches_per_epoch: int = 1
+    ) -> torch.Tensor:
         return bayeslora.kl_divergence(model) / n_train
 
     def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:

@@ -144,12 +144,10 @@ class BLoB(Method):
     name: ClassVar[str] = "blob"
     default_samples: ClassVar[int] = 4
 
-    def __init__(self, prior_sd: float = 0.2, batch_size: int = 8, kl_reweighting: bool = True, **options: Any) -> None:
+    def __init__(self, prior_sd: float = 0.2, kl_reweighting: bool = True, **options: Any) -> None:
         super().__init__(**options)
         self.prior_sd = prior_sd
-        self.batch_size = batch_size
         self.kl_reweighting = kl_reweighting
-        self._steps = 0
 
     def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         return gaussian_lora(model, lora)
@@ -164,12 +162,15 @@ class BLoB(Method):
                     total = total + kl.to(total.device)
         return total.float()
 
-    def regulariser(self, model: nn.Module, n_train: int) -> torch.Tensor:
-        """pi_i * KL with BLoB's re-weighting over the epoch's minibatches, else KL / M."""
-        batches_per_epoch = max(1, math.ceil(n_train / self.batch_size))
-        step_in_epoch = self._steps % batches_per_epoch + 1
-        self._steps += 1
-        weight = kl_reweighting(step_in_epoch, batches_per_epoch) if self.kl_reweighting else 1 / batches_per_epoch
+    def regulariser(
+        self, model: nn.Module, n_train: int, step_in_epoch: int = 0, batches_per_epoch: int = 1
+    ) -> torch.Tensor:
+        """pi_i * KL with BLoB's re-weighting over the epoch's M minibatches (i = step_in_epoch + 1), else KL / M.
+
+        The position comes from the loop, so gradient accumulation and resumed runs weight each step alike.
+        """
+        m = max(1, batches_per_epoch)
+        weight = kl_reweighting(step_in_epoch % m + 1, m) if self.kl_reweighting else 1 / m
         return weight * self.kl_divergence(model)
 
     def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
