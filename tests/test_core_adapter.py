@@ -165,3 +165,12 @@ def test_bad_targets_are_refused_when_wrapping():
         config = BayesLoraConfig(target_modules=r".*\.(q|k)_proj", bayesian_modules=["k_proj", "o_proj"])
         config.target_modules = r".*\.q_proj"
         get_bayeslora_model(make_tiny_llama(), config)
+
+
+def test_merge_and_unload_bakes_in_the_posterior_mean():
+    model = _bayesian_model()
+    expected = _logits(model, mode="mean")
+    merged = model.merge_and_unload()
+    assert not bayeslora.is_bayesian(merged)
+    with torch.no_grad():
+        assert torch.allclose(merged(TOKENS).logits, expected, atol=1e-4)

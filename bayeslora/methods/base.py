@@ -7,8 +7,11 @@ metrics. A method contributes only what differs:
 - `prepare`: how its adapter is built on the base model (a peft model);
 - `regulariser`: what it adds to the mean task NLL of a training step
   (e.g. Bayesian-LoRA's beta * KL / N_train);
+- `members`: independently trained copies (an ensemble's members); the
+  training loop trains once inside each member's context, seed + index;
 - `after_training`: post-hoc fitting on the held-out validation set
-  (Laplace's prior precision, temperature scaling, TFB's variance search);
+  (Laplace's prior precision, temperature scaling, TFB's variance search),
+  with the training batches at hand for curvature (Laplace's KFAC);
 - `draws`: one context manager per predictive sample; inside it the model
   computes one member of the predictive mixture (a posterior draw, a dropout
   mask, an ensemble member);
@@ -69,13 +72,20 @@ class Method:
         """A term added to the mean training NLL of one step, or None."""
         return None
 
+    def members(self, model: nn.Module) -> Iterator[ContextManager]:
+        """One context per independently trained member: the training loop runs a full training inside
+        each, in turn, with seed + member index (data order and nothing else re-seeded). One empty
+        context by default (a single adapter)."""
+        yield contextlib.nullcontext()
+
     def after_training(
         self,
         model: nn.Module,
         validation_batches: list[Any],
         choice_logits: Callable[[nn.Module, Any], torch.Tensor],
+        train_batches: list[Any] | None = None,
     ) -> None:
-        """Post-hoc fitting on held-out validation data; nothing by default."""
+        """Post-hoc fitting on held-out validation data (and, for curvature, the training batches); nothing by default."""
 
     def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
         """One context per predictive sample; deterministic methods give one empty context."""

@@ -1,0 +1,44 @@
+"""Bayesian-LoRA (this project): a thin Method over the adapter API of `bayeslora`.
+
+Lin, Guan, Patane, Gregg, Botterweck, "Bayesian-LoRA: Probabilistic Low-Rank
+Adaptation of Large Language Models", ICML 2026 (see docs/METHOD and
+`bayeslora.adapter`). Sparse inducing-weight Gaussian posterior per LoRA
+factor, trained by VI:
+    loss = mean NLL + beta_t * KL / N_train,
+where this method returns KL / N_train and the training loop applies its
+beta schedule. Weight decay 0.01 (the released settings use 0.01-0.03).
+Each predictive sample is one seeded posterior draw held for every forward
+inside it (`bayeslora.sampling(model, "sample", seed=seed + s, hold=True)`),
+N = 4 by default (the paper's N). Options are passed to `BayesLoraConfig`
+(inducing sizes, prior_sd, flow, which modules are Bayesian, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar, ContextManager
+
+import torch
+from torch import nn
+
+import bayeslora
+from bayeslora.methods.base import Method, register_method
+from bayeslora.methods.lora import LORA_KEYS
+
+
+@register_method
+class BayesLora(Method):
+    name: ClassVar[str] = "bayeslora"
+    default_samples: ClassVar[int] = 4
+    weight_decay: ClassVar[float] = 0.01
+
+    def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
+        settings = {key: lora[key] for key in LORA_KEYS if key in lora}
+        return bayeslora.get_bayeslora_model(model, bayeslora.BayesLoraConfig(**settings, **self.options))
+
+    def regulariser(self, model: nn.Module, n_train: int) -> torch.Tensor:
+        return bayeslora.kl_divergence(model) / n_train
+
+    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
+        for sample in range(n_samples):
+            yield bayeslora.sampling(model, "sample", seed=seed + sample, hold=True)

@@ -1,0 +1,400 @@
+"""`bayeslora train`: the one training loop, for every method.
+
+Per optimizer step, over a global batch of `batch_size` questions split across
+processes and accumulation micro-batches:
+
+    loss = mean NLL(answer | question)  +  w(step) * method.regulariser(model, divisor)
+
+where NLL comes from the shared scorer's per-choice logits, each forward uses
+one posterior draw (one dropout mask, ...) for all choices of its questions,
+and `w`, `divisor` come from `schedules.KLWeighting` (for Bayesian-LoRA the
+regulariser is KL / divisor, so the default is beta * KL / N_train).
+Gradients are averaged over processes (DDP), so the regulariser counts once
+per optimizer step whatever the number of processes.
+
+Model selection uses only a validation set held out from the training split:
+the adapter of the epoch with the lowest validation NLL is kept (early
+stopping optional). The evaluation split is read once, at the end, by the
+protocol's evaluation path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from tqdm.auto import tqdm
+
+import bayeslora
+from bayeslora.checkpoint import (
+    check_output_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    start_run_dir,
+    trainable_state,
+    write_atomically,
+)
+from bayeslora.errors import UsageError
+from bayeslora.evaluate import evaluate, write_outputs
+from bayeslora.methods import get_method
+from bayeslora.metrics import nll
+from bayeslora.models import load_model
+from bayeslora.predictive import predict
+from bayeslora.scoring import Scorer
+from bayeslora.schedules import KLWeighting, lr_scheduler
+from bayeslora.tasks import EVALUATION_ROLE, load_task, load_task_file
+from bayeslora.train_settings import TrainSettings, add_arguments, settings_from_args
+
+__all__ = ["TrainingDiverged", "fit", "add_arguments", "run"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def split_validation(questions: Sequence, size: int, seed: int, limit: int | None) -> tuple[list, list]:
+    """Hold out `size` questions (seeded) for model selection; the rest, capped at `limit`, is for training."""
+    if size >= len(questions):
+        raise UsageError(f"validation_size {size} leaves no training questions (the training split has {len(questions)})")
+    order = torch.randperm(len(questions), generator=torch.Generator().manual_seed(seed)).tolist()
+    validation = [questions[i] for i in order[:size]]
+    train = [questions[i] for i in sorted(order[size:])]
+    return train[:limit], validation
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order of the training questions in `epoch`: a function of (seed, epoch) only, so resuming repeats it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def task_loss(logits: torch.Tensor, answers: torch.Tensor, label_smoothing: float, entropy_bonus: float):
+    """(training loss, NLL), both means over questions.
+
+    NLL = -log softmax(z)[y] over the question's choices (padding logits are -inf).
+    Label smoothing eps: (1 - eps) * NLL + eps * mean over real choices of -log p_k.
+    Entropy bonus g: subtract g * H(p), H(p) = -sum_k p_k log p_k (nats).
+    """
+    log_probs = torch.log_softmax(logits, dim=-1)
+    nll = -log_probs.gather(1, answers[:, None]).squeeze(1)
+    loss = nll
+    real_log_probs = log_probs.masked_fill(~torch.isfinite(logits), 0.0)
+    if label_smoothing:
+        uniform = -real_log_probs.sum(-1) / torch.isfinite(logits).sum(-1)
+        loss = (1 - label_smoothing) * loss + label_smoothing * uniform
+    if entropy_bonus:
+        loss = loss + entropy_bonus * (log_probs.exp() * real_log_probs).sum(-1)
+    return loss.mean(), nll.mean()
+
+
+def validation_nll(model: nn.Module, scorer, method, questions: Sequence, n_samples: int, seed: int, batch_size: int) -> float:
+    """NLL (nats per question) of the method's predictive, mean over draws of softmax(z), on held-out questions."""
+    predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size)
+    return nll(predictions.probs, predictions.answers)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: as asked, or (auto) where the hardware computes in bf16 natively."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class FitResult:
+    steps: int
+    best_step: int | None
+    best_validation_nll: float | None
+    stopped_early: bool
+    validation_history: list[dict] = field(default_factory=list)
+
+
+def fit(
+    model: nn.Module,
+    scorer,
+    method,
+    train_questions: Sequence,
+    validation_questions: Sequence,
+    settings: TrainSettings,
+    output: Path,
+    accelerator: Accelerator,
+    resume: bool = False,
+) -> list[FitResult]:
+    """Train the adapter(s) of `model` (already prepared by `method`) in place, then the method's post-hoc fit.
+
+    A method with several members (an ensemble) trains each in turn, with seed + member index,
+    in its own folder `member-<index>/`; the others train directly in `output`.
+    """
+    members = list(method.members(model))
+    # a member is selected on its own predictive; the method's draws would switch members (an ensemble's)
+    selection_method = method if len(members) == 1 else None
+    results = []
+    for index, member in enumerate(members):
+        folder = output if len(members) == 1 else output / f"member-{index}"
+        with member:
+            results.append(_fit_member(model, scorer, method, selection_method, train_questions, validation_questions,
+                                       settings, folder, accelerator, settings.seed + index,
+                                       resume=resume and latest_checkpoint(folder) is not None))
+    model.eval()
+    batches = partial(_batches, scorer, batch_size=settings.eval_batch_size, device=accelerator.device)
+    method.after_training(model, batches(validation_questions), scorer.choice_logits, train_batches=batches(train_questions))
+    return results
+
+
+def _batches(scorer, questions: Sequence, batch_size: int, device: torch.device) -> list[dict[str, Any]]:
+    return [_to_device(scorer.collate(questions[i : i + batch_size]), device) for i in range(0, len(questions), batch_size)]
+
+
+def _fit_member(
+    model: nn.Module,
+    scorer,
+    method,
+    selection_method,
+    train_questions: Sequence,
+    validation_questions: Sequence,
+    settings: TrainSettings,
+    output: Path,
+    accelerator: Accelerator,
+    seed: int,
+    resume: bool,
+) -> FitResult:
+    s = settings
+    per_step = accelerator.num_processes * s.grad_accum
+    if s.batch_size % per_step:
+        raise UsageError(f"batch_size {s.batch_size} is not divisible by processes x grad_accum = {per_step}")
+    micro_batch = s.batch_size // per_step
+    if len(train_questions) < s.batch_size:
+        raise UsageError(f"batch_size {s.batch_size} exceeds the {len(train_questions)} training questions")
+    steps_per_epoch = len(train_questions) // s.batch_size  # the last partial batch of an epoch is dropped
+    total_steps = s.max_steps if s.max_steps is not None else s.epochs * steps_per_epoch
+    n_samples = (s.samples or selection_method.default_samples) if selection_method is not None else 1
+    bf16 = use_bf16(s.precision, accelerator.device)
+
+    unwrapped = model.to(accelerator.device)
+    parameters = [p for p in unwrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=s.lr, weight_decay=method.weight_decay)
+    scheduler = lr_scheduler(optimizer, s.lr_schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                             warmup_steps=s.warmup_steps, milestones=tuple(s.lr_milestones))
+    kl = KLWeighting(s.kl_weighting, s.beta, s.kl_warmup, s.kl_warmup_unit, len(train_questions), steps_per_epoch)
+    model = accelerator.prepare_model(model)  # DDP across processes; the same module when there is one
+
+    state = {"step": 0, "processes": accelerator.num_processes, "best_step": None, "best_validation_nll": None,
+             "epochs_without_improvement": 0, "stopped_early": False, "validation_history": []}
+    best_adapter = None
+    if resume:
+        state, best_adapter = load_checkpoint(output, accelerator, unwrapped, optimizer, scheduler)
+        if state["processes"] != accelerator.num_processes:
+            raise UsageError(f"the checkpoint was written by {state['processes']} processes, this run has {accelerator.num_processes}")
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+    log = _open_log(output / "train_log.jsonl", state["step"]) if accelerator.is_main_process else None
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process)
+    recent_nll: deque[float] = deque(maxlen=20)
+
+    while state["step"] < total_steps and not state["stopped_early"]:
+        step = state["step"]
+        epoch, position = divmod(step, steps_per_epoch)
+        order = epoch_order(len(train_questions), seed, epoch)
+        global_batch = [train_questions[i] for i in order[position * s.batch_size : (position + 1) * s.batch_size]]
+        # this process's micro-batches: slots process_index, process_index + processes, ... of the global batch
+        slots = range(accelerator.process_index, per_step, accelerator.num_processes)
+        micro_batches = [global_batch[k * micro_batch : (k + 1) * micro_batch] for k in slots]
+
+        started = time.perf_counter()
+        model.train()
+        weight = kl.weight(step)
+        totals = torch.zeros(3, device=accelerator.device)  # loss, nll, regulariser (this process, step means)
+        for k, questions in enumerate(micro_batches):
+            batch = _to_device(scorer.collate(questions), accelerator.device)
+            last = k == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                # one posterior draw for all passes of this forward (a cloze prompt and its choices);
+                # a no-op for adapters without Bayesian factors
+                with bayeslora.sampling(unwrapped, "sample", hold=True), \
+                        torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = scorer.choice_logits(model, batch)
+                loss, nll = task_loss(logits.float(), batch["answers"], s.label_smoothing, s.entropy_bonus)
+                regulariser = method.regulariser(unwrapped, kl.divisor)
+                if regulariser is not None:
+                    loss = loss + weight * regulariser
+                accelerator.backward(loss / len(micro_batches))
+            totals += torch.stack([loss.detach(), nll.detach(),
+                                   regulariser.detach() if regulariser is not None else torch.zeros((), device=totals.device)])
+        totals = accelerator.reduce(totals / len(micro_batches), reduction="mean")
+        if not torch.isfinite(totals[0]):
+            last_good = latest_checkpoint(output)
+            raise TrainingDiverged(f"loss is {totals[0].item()} at optimizer step {step + 1}; "
+                                   f"last good checkpoint: {last_good if last_good else 'none'}")
+        if s.max_grad_norm:
+            accelerator.clip_grad_norm_(parameters, s.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step + 1
+
+        record = {"step": step + 1, "epoch": epoch + 1, "loss": totals[0].item(), "nll": totals[1].item(),
+                  "kl": totals[2].item() * kl.divisor, "beta": weight, "lr": lr, "seconds": time.perf_counter() - started}
+        if bayeslora.is_bayesian(unwrapped):
+            record["mean_lambda"] = bayeslora.mean_lambda(unwrapped)
+        recent_nll.append(record["nll"])
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        bar.update(1)
+        bar.set_postfix(nll=f"{sum(recent_nll) / len(recent_nll):.3f}", kl=f"{record['kl']:.3g}", lr=f"{lr:.2g}")
+
+        epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
+        if epoch_end and validation_questions:
+            value = validation_nll(unwrapped, scorer, selection_method, validation_questions, n_samples, s.seed,
+                                   s.eval_batch_size)
+            state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, "validation_nll": value})
+            if state["best_validation_nll"] is None or value < state["best_validation_nll"]:
+                state.update(best_step=state["step"], best_validation_nll=value, epochs_without_improvement=0)
+                best_adapter = trainable_state(unwrapped)
+            else:
+                state["epochs_without_improvement"] += 1
+                state["stopped_early"] = s.early_stopping is not None and state["epochs_without_improvement"] >= s.early_stopping
+        if epoch_end or state["step"] % s.checkpoint_every == 0:
+            save_checkpoint(output, accelerator, unwrapped, optimizer, scheduler, state, best_adapter)
+    bar.close()
+    if log is not None:
+        log.close()
+    if best_adapter is not None:
+        load_trainable_state(unwrapped, best_adapter)
+    return FitResult(state["step"], state["best_step"], state["best_validation_nll"], state["stopped_early"],
+                     state["validation_history"])
+
+
+def _open_log(path: Path, keep_through_step: int):
+    """The per-step log, opened for appending; on resume, lines after the checkpoint's step are dropped."""
+    kept = []
+    if keep_through_step and path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_through_step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")
+
+
+def load_questions(settings: TrainSettings) -> tuple[list, list]:
+    """(training split, evaluation split): the task's train and test roles, or --task-file and --eval-file."""
+    if settings.task is not None:
+        train = load_task(settings.task, "train", source=settings.source)
+        evaluation = load_task(settings.task, EVALUATION_ROLE, source=settings.source, limit=settings.limit_eval)
+        return train, evaluation
+    evaluation = load_task_file(settings.eval_file)[: settings.limit_eval] if settings.eval_file else []
+    return load_task_file(settings.task_file), evaluation
+
+
+def evaluate_into(directory: Path, model: nn.Module, tokenizer, questions: Sequence, method, settings: TrainSettings,
+                  **description: Any) -> dict[str, Any]:
+    """The protocol's evaluation path: results.json, predictions.jsonl, reliability.png in `directory`."""
+    results, predictions = evaluate(model, tokenizer, questions, settings.scoring, method, settings.samples,
+                                    settings.seed, settings.eval_batch_size, settings.normalization, progress=True)
+    results = {"task": settings.task, "task_file": settings.eval_file, "split": EVALUATION_ROLE if settings.task else None,
+               "model": settings.model, "limit_eval": settings.limit_eval, **description, **results}
+    write_outputs(directory, results, questions, predictions)
+    return results
+
+
+def print_summary(before: dict | None, after: dict, output: Path) -> None:
+    table = Table(title=f"{after['task'] or after['task_file']}: {after['n_examples']} evaluation questions, "
+                        f"{after['scoring']} scoring")
+    for column in ("model", "draws", "ACC %", "ECE %", "NLL (nats)"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, results in (("zero-shot", before), ("fine-tuned", after)):
+        if results is not None:
+            table.add_row(name, str(results["n_samples"]), f"{results['accuracy_percent']:.1f}",
+                          f"{results['ece_percent']:.1f}", f"{results['nll']:.3f}")
+    Console().print(table)
+    print(f"reliability diagram: {output / 'reliability.png'}")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    output = Path(settings.output)
+    identity = settings.run_identity()
+    check_output_dir(output, identity, resume=args.resume, overwrite=args.overwrite)
+    train_split, evaluation = load_questions(settings)
+    train, validation = split_validation(train_split, settings.validation_size, settings.validation_seed, settings.limit_train)
+    method = get_method(settings.method, **settings.method_options)
+    model, tokenizer = load_model(settings.model)
+    scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization)
+    # fail before writing anything if this tokenizer cannot score the task (e.g. letter labels that are not tokens)
+    scorer.collate([max([*train, *evaluation], key=lambda question: len(question.choices))])
+    # without a GPU, accelerate runs several launched processes as one gloo group only when told cpu=True
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        raise UsageError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
+                         f"{accelerator.num_processes}; check the accelerate launch settings")
+    if accelerator.is_main_process:
+        start_run_dir(output, identity, resume=args.resume, overwrite=args.overwrite)
+    accelerator.wait_for_everyone()
+
+    before = None
+    if settings.zero_shot and evaluation and accelerator.is_main_process:
+        zero_shot = output / "zero_shot"
+        if (zero_shot / "results.json").is_file():  # a resumed run evaluated the base model already
+            before = json.loads((zero_shot / "results.json").read_text())
+        else:
+            before = evaluate_into(zero_shot, model, tokenizer, evaluation, None, settings, adapter=None)
+    accelerator.wait_for_everyone()
+
+    set_seed(settings.seed)  # the adapter initialisation: the same on every process
+    lora = {"r": settings.r, "lora_alpha": settings.lora_alpha, "lora_dropout": settings.lora_dropout,
+            "target_modules": list(settings.target_modules)}
+    model = method.prepare(model, lora)
+    set_seed(settings.seed, device_specific=True)  # posterior draws and dropout: one stream per process
+    try:
+        results = fit(model, scorer, method, train, validation, settings, output, accelerator, resume=args.resume)
+    except TrainingDiverged as error:
+        print(f"bayeslora: training stopped: {error}", file=sys.stderr)
+        return 1
+    if not accelerator.is_main_process:
+        return 0
+    save_adapter(model, output)
+    summary = {"n_train": len(train), "n_validation": len(validation), "members": [dataclasses.asdict(r) for r in results]}
+    write_atomically(output / "training.json", json.dumps(summary, indent=1).encode())
+    if evaluation:
+        after = evaluate_into(output, model, tokenizer, evaluation, method, settings, adapter=str(output),
+                              method_name=settings.method)
+        print_summary(before, after, output)
+    return 0
+
+
+def save_adapter(model: nn.Module, output: Path) -> None:
+    """peft's save_pretrained into a staging folder, then each file renamed into `output`."""
+    with tempfile.TemporaryDirectory(dir=output, prefix=".adapter-") as staging:
+        model.save_pretrained(staging)
+        for path in Path(staging).rglob("*"):
+            if path.is_file():
+                target = output / path.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
