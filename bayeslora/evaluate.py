@@ -12,13 +12,10 @@ interrupted run leaves no partial results.json behind.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from torch import nn
 
 import bayeslora
 from bayeslora.errors import UsageError
-from bayeslora.methods.base import METHODS, Method, get_method
+from bayeslora.methods import Method, get_method
 from bayeslora.metrics import all_metrics
 from bayeslora.models import DEFAULT_MODEL, load_model, load_tokenizer
 from bayeslora.plots import save_reliability_diagram
@@ -37,33 +34,11 @@ from bayeslora.tasks import EVALUATION_ROLE, ROLES, TASKS, Question, load_task, 
 PROTOCOL_VERSION = "bayeslora-eval-v1"
 
 
-class HeldPosteriorDraws(Method):
-    """Bayesian-LoRA predictive draws when no `bayeslora` method is registered: draw s holds one
-    posterior sample seeded `seed + s` for every forward pass inside it."""
-
-    name = "bayeslora-posterior"
-    default_samples = 4  # the paper's N
-
-    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[AbstractContextManager]:
-        for draw in range(n_samples):
-            yield bayeslora.sampling(model, "sample", seed=seed + draw, hold=True)
-
-
-def _registered(name: str) -> bool:
-    """Whether method `name` is registered, importing bayeslora.methods.<name> if it exists."""
-    if name not in METHODS and importlib.util.find_spec(f"bayeslora.methods.{name}") is not None:
-        importlib.import_module(f"bayeslora.methods.{name}")
-    return name in METHODS
-
-
 def method_for(model: nn.Module, name: str | None = None) -> Method | None:
     """The named method; else the Bayesian-LoRA predictive for a Bayesian model; else None (deterministic)."""
     if name is not None:
-        _registered(name)
         return get_method(name)
-    if bayeslora.is_bayesian(model):
-        return get_method("bayeslora") if _registered("bayeslora") else HeldPosteriorDraws()
-    return None
+    return get_method("bayeslora") if bayeslora.is_bayesian(model) else None
 
 
 def attach_adapter(model: nn.Module, directory: str | Path) -> nn.Module:

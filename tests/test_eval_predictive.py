@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bayeslora
-from bayeslora.evaluate import HeldPosteriorDraws
+from bayeslora.methods import get_method
 from bayeslora.methods.base import Method
 from bayeslora.predictive import log_mean_exp, predict, summarise_draws
 from bayeslora.scoring import Scorer
@@ -97,8 +97,8 @@ def test_bayesian_draws_hold_one_seeded_posterior_sample_per_draw(mode):
     tokenizer, model = make_tiny_tokenizer(), _bayesian_tiny_llama()
     questions = load_task_file(FIXTURE)[:4]
     scorer = Scorer(tokenizer, mode)
-    result = predict(model, scorer, questions, HeldPosteriorDraws(), n_samples=2, seed=11, batch_size=2)
-    again = predict(model, scorer, questions, HeldPosteriorDraws(), n_samples=2, seed=11, batch_size=2)
+    result = predict(model, scorer, questions, get_method("bayeslora"), n_samples=2, seed=11, batch_size=2)
+    again = predict(model, scorer, questions, get_method("bayeslora"), n_samples=2, seed=11, batch_size=2)
     torch.testing.assert_close(result.probs, again.probs, atol=0, rtol=0)
     per_draw = []
     with torch.no_grad():
