@@ -118,13 +118,14 @@ class InducingFactor(nn.Module):
         self.flow = (
             RowwiseAutoregressiveFlow(inducing_cols, flow_hidden, flow_blocks, flow_output_affine) if flow else None
         )
+        # everything that must agree for factors to be drawn as one batch, except the device
+        self._batch_key = (out_features, in_features, inducing_rows, inducing_cols, self.prior_scale, max_lambda,
+                           max_sd_u, flow and (flow_hidden, flow_blocks, flow_output_affine))
         self.reset_sampling()
 
     def signature(self) -> tuple:
         """Factors with equal signatures can be drawn together as one batch."""
-        flow = None if self.flow is None else tuple((n, p.shape) for n, p in self.flow.named_parameters())
-        return (tuple(self.z_row.shape), tuple(self.z_col.shape), self.prior_scale, self.max_lambda,
-                self.max_sd_u, flow, self.u_mean.device)
+        return self._batch_key, self.u_mean.device
 
     # ----- sampling state -------------------------------------------------------------
     def reset_sampling(self, mode: str = SAMPLE, generator: torch.Generator | None = None, hold: bool = False) -> None:
