@@ -15,24 +15,23 @@ from bayeslora.tasks.question import Question
 Row = Mapping[str, Any]
 
 
-def arc_question(row: Row, position: int, split: str) -> Question:
+def lettered_choices_question(row: Row, stem_field: str) -> Question:
+    """ARC and OpenBookQA rows: choices as {"label": [...], "text": [...]} and a letter `answerKey`."""
     labels = list(row["choices"]["label"])
     return Question(
         id=row["id"],
-        question=row["question"],
+        question=row[stem_field],
         choices=tuple(row["choices"]["text"]),
         answer=labels.index(row["answerKey"]),
     )
+
+
+def arc_question(row: Row, position: int, split: str) -> Question:
+    return lettered_choices_question(row, "question")
 
 
 def openbookqa_question(row: Row, position: int, split: str) -> Question:
-    labels = list(row["choices"]["label"])
-    return Question(
-        id=row["id"],
-        question=row["question_stem"],
-        choices=tuple(row["choices"]["text"]),
-        answer=labels.index(row["answerKey"]),
-    )
+    return lettered_choices_question(row, "question_stem")
 
 
 def boolq_question(row: Row, position: int, split: str) -> Question:
