@@ -21,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from bayeslora.config import BayesLoraConfig
+from bayeslora.config import BayesLoraConfig, names_module
 from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
 from bayeslora.layer import BayesLoraLinear
 
@@ -80,7 +80,7 @@ def _check_bayesian_targets(peft_model: PeftModel, config: BayesLoraConfig, adap
             raise ValueError(f"module {key!r} is a {layer_type}, which cannot carry Bayesian factors (nn.Linear only)")
     if isinstance(config.bayesian_modules, list):
         for name in config.bayesian_modules:
-            if not any(key == name or key.endswith("." + name) for key in lora_targets):
+            if not any(names_module(name, key) for key in lora_targets):
                 raise ValueError(f"bayesian_modules entry {name!r} matches no LoRA target of the model")
 
 

@@ -10,6 +10,11 @@ from peft import LoraConfig
 from torch import nn
 
 
+def names_module(name: str, key: str) -> bool:
+    """Whether a module name from a config (`q_proj`) names the module at dotted path `key`, as in peft."""
+    return key == name or key.endswith("." + name)
+
+
 @dataclass
 class BayesLoraConfig(LoraConfig):
     """LoRA whose A and B factors on `bayesian_modules` are inducing-weight factors.
@@ -70,7 +75,7 @@ class BayesLoraConfig(LoraConfig):
             return True
         if isinstance(self.bayesian_modules, str):
             return re.fullmatch(self.bayesian_modules, key) is not None
-        return any(key == name or key.endswith("." + name) for name in self.bayesian_modules)
+        return any(names_module(name, key) for name in self.bayesian_modules)
 
     def factor_settings(self) -> dict:
         """Keyword arguments of `InducingFactor` taken from this config."""
