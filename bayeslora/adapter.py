@@ -2,13 +2,15 @@
 
 Everything here is a thin layer over peft: `get_bayeslora_model` is
 `peft.get_peft_model` with a `BayesLoraConfig`, saving is peft's
-`save_pretrained`, loading is `PeftModel.from_pretrained`.
+`save_pretrained`; loading builds the adapter with peft from its saved config
+and fills it with peft's `set_peft_model_state_dict`, after checking that the
+weights file holds exactly the tensors that adapter has.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -16,14 +18,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
 from bayeslora.config import BayesLoraConfig, names_module
+from bayeslora.errors import CorruptFileError, MissingFileError
 from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
 from bayeslora.layer import BayesLoraLinear
+from bayeslora.saved_files import read_json_object, read_tensors
 
 
 def get_bayeslora_model(model: nn.Module, config: BayesLoraConfig, adapter_name: str = "default") -> PeftModel:
@@ -137,21 +141,79 @@ def sampling(model: nn.Module, mode: str = "sample", seed: int | None = None, ho
             factor.reset_sampling(*state)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _check_lora_schema(saved: dict, path: Path) -> None:
+    """The saved LoRA settings that shape the weights have the types the code builds from (peft checks few)."""
+    r = saved.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise CorruptFileError(f"{path}: r must be a positive integer, got {r!r}")
+    alpha = saved.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise CorruptFileError(f"{path}: lora_alpha must be a finite number, got {alpha!r}")
+    targets = saved.get("target_modules")
+    if not (isinstance(targets, str) and targets) and not (
+        isinstance(targets, list) and targets and all(isinstance(name, str) for name in targets)
+    ):
+        raise CorruptFileError(f"{path}: target_modules must be a module name pattern or a non-empty list of names, got {targets!r}")
+    if saved.get("peft_type", "LORA") != "LORA":
+        raise CorruptFileError(f"{path}: a {saved['peft_type']} adapter; only LoRA and Bayesian-LoRA adapters load")
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """The adapter's settings, checked: a `BayesLoraConfig` when they have Bayesian settings, else a `LoraConfig`."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not Path(directory).is_dir():
+        raise MissingFileError(f"adapter folder {directory} does not exist")
+    saved = read_json_object(path)
+    _check_lora_schema(saved, path)
+    config_class = BayesLoraConfig if "bayesian_modules" in saved else LoraConfig
+    known = {f.name for f in dataclasses.fields(config_class) if f.init}
+    try:
+        return config_class(**{key: value for key, value in saved.items() if key in known})
+    except (TypeError, ValueError) as error:
+        raise CorruptFileError(f"{path}: {str(error).strip().splitlines()[0]}") from None
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> PeftModel:
+    """A saved adapter (plain peft LoRA or Bayesian-LoRA) on `model`, every tensor verified.
+
+    The adapter is first built from its config with fresh factors, which says exactly which tensors the
+    weights file must hold; the file is then read and checked (`saved_files.read_tensors`: nothing missing,
+    nothing left over, shapes, finite values) before any value reaches the model. A mismatch is a
+    `CorruptFileError` naming the file, never peft's warning over freshly initialised factors.
+    """
+    config = read_adapter_config(directory)
+    config.inference_mode = not is_trainable
+    try:
+        if isinstance(config, BayesLoraConfig):
+            peft_model = get_bayeslora_model(model, config, adapter_name)
+        else:
+            peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    except ValueError as error:  # peft's "target modules not found", a Bayesian module that matches no target
+        raise CorruptFileError(f"{Path(directory) / ADAPTER_CONFIG}: {str(error).strip().splitlines()[0]}") from None
+    weights = Path(directory) / ADAPTER_WEIGHTS
+    if not weights.is_file() and (Path(directory) / "adapter_model.bin").is_file():
+        raise CorruptFileError(f"{Path(directory) / 'adapter_model.bin'}: pickle adapters are not read; "
+                               f"re-save it as {ADAPTER_WEIGHTS} (peft's default)")
+    expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    set_peft_model_state_dict(peft_model, read_tensors(weights, expected), adapter_name=adapter_name)
+    if not is_trainable:
+        peft_model.eval()
+    return peft_model
+
+
 def load_bayeslora_model(
     model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
 ) -> PeftModel:
-    """Restore a Bayesian-LoRA adapter saved with `save_pretrained` onto a fresh base model."""
-    config_path = Path(directory) / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no adapter_config.json in {directory}")
-    saved = json.loads(config_path.read_text())
-    known = {f.name for f in dataclasses.fields(BayesLoraConfig) if f.init}
-    if "bayesian_modules" not in saved:
-        raise ValueError(f"{config_path} is not a Bayesian-LoRA adapter (no bayesian_modules setting)")
-    config = BayesLoraConfig(**{k: v for k, v in saved.items() if k in known})
-    return _draw_before_each_forward(
-        PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, config=config, is_trainable=is_trainable)
-    )
+    """Restore a Bayesian-LoRA adapter saved with `save_pretrained` onto a fresh base model (verified, `load_adapter`)."""
+    if not isinstance(read_adapter_config(directory), BayesLoraConfig):
+        raise CorruptFileError(f"{Path(directory) / ADAPTER_CONFIG}: not a Bayesian-LoRA adapter (no bayesian_modules setting)")
+    return load_adapter(model, directory, adapter_name, is_trainable)
 
 
 def export_mean_lora(model: PeftModel, directory: str | os.PathLike, adapter_name: str = "default") -> None:

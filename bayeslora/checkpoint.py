@@ -11,10 +11,13 @@ checkpoints/step-000050/   adapter.safetensors, best_adapter.safetensors (traina
                            state.json (step, epoch, selection state)
 adapter_config.json, adapter_model.safetensors   the final adapter (peft format)
 results.json, predictions.jsonl, reliability.png the evaluation (zero_shot/ for the base model)
+.lock                      held by the process writing here (`output_dir.output_lock`)
 ```
 A checkpoint is written into a temporary folder, renamed into place, and only
 then named in `latest`; older checkpoints are deleted afterwards. A crash at any
-moment leaves the previous checkpoint intact.
+moment leaves the previous checkpoint intact. Every staging name starts with
+".", so the next start can remove what an interrupted write left behind.
+Reading a checkpoint back checks every file first (`saved_files`).
 """
 
 from __future__ import annotations
@@ -27,61 +30,63 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from bayeslora.errors import UsageError
+from bayeslora.errors import CorruptFileError, UsageError
+from bayeslora.output_dir import check_writable, empty_folder, holds_files, remove_stale_temporaries
+from bayeslora.saved_files import read_json_object, read_tensors, read_torch_state
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
+#: what `state.json` of every checkpoint holds (written by the training loop)
+STATE_KEYS = {"step", "processes", "best_step", "best_validation_nll", "epochs_without_improvement", "stopped_early",
+              "validation_history"}
 
 
 def check_output_dir(output: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
-    """Refuse (UsageError) to write where it would clobber something; writes nothing."""
+    """Refuse (UsageError) to write where it would clobber something; writes nothing.
+
+    Called before anything is loaded, and again once the folder's lock is held (another run may have
+    started in between).
+    """
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"output {output} exists and is not a directory")
-    existing = output.is_dir() and any(output.iterdir())
-    if not existing:
+    check_writable(output)
+    if not holds_files(output):
         if resume:
             raise UsageError(f"nothing to resume: {output} holds no run")
-        _check_writable(output)
         return
     run_file = output / RUN_FILE
     if not run_file.is_file():
         raise UsageError(f"output {output} holds files that are not a bayeslora run; choose an empty or new directory")
-    previous = json.loads(run_file.read_text())
+    try:
+        previous = read_json_object(run_file)
+    except CorruptFileError as error:
+        if overwrite:
+            return
+        raise CorruptFileError(f"{error}; pass --overwrite to start the run again") from None
     if resume:
         differences = [key for key in sorted(set(previous) | set(identity)) if previous.get(key) != identity.get(key)]
         if differences:
             key = differences[0]
             raise UsageError(f"cannot resume {output}: {key} was {previous.get(key)!r}, now {identity.get(key)!r}")
-        if latest_checkpoint(output) is None:
-            raise UsageError(f"nothing to resume: {output} has no checkpoint")
+        latest_checkpoint(output)  # a damaged pointer is reported now, before anything is loaded
     elif not overwrite:
-        kind = "the same" if previous == identity else "a different"
-        raise UsageError(f"output {output} holds {kind} run; pass --resume to continue it or --overwrite to replace it")
-    _check_writable(output)
-
-
-def _check_writable(output: Path) -> None:
-    """Create and delete a file where the run would write (permission bits alone mislead root and read-only mounts)."""
-    existing = output
-    while not existing.exists():
-        existing = existing.parent
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError:
-        raise UsageError(f"output {output} is not writable") from None
+        if previous != identity:
+            raise UsageError(f"output {output} holds a different run; pass --overwrite to replace it")
+        state = "no checkpoint yet" if latest_checkpoint(output) is None else "checkpointed"
+        raise UsageError(f"output {output} holds the same run ({state}); pass --resume to continue it "
+                         f"or --overwrite to replace it")
 
 
 def start_run_dir(output: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
-    """Create (or, with overwrite, empty) the run directory and record the run; call after `check_output_dir`."""
-    if overwrite and (output / RUN_FILE).is_file():
-        shutil.rmtree(output)
+    """Record the run in its directory (emptied first with `overwrite`); call with the folder's lock held,
+    after `check_output_dir`. Staging files of interrupted writes are removed."""
     output.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        empty_folder(output)
+    remove_stale_temporaries(output)
     if not resume:
         write_atomically(output / RUN_FILE, json.dumps(identity, indent=1, sort_keys=True).encode())
 
@@ -117,10 +122,19 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def latest_checkpoint(output: Path) -> Path | None:
+    """The newest complete checkpoint of the run in `output`, or None before the first one."""
     pointer = output / CHECKPOINTS / "latest"
     if not pointer.is_file():
         return None
-    return output / CHECKPOINTS / pointer.read_text().strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        name = ""
+    folder = output / CHECKPOINTS / name
+    if not name.startswith("step-") or "/" in name or not folder.is_dir():
+        raise CorruptFileError(f"{pointer}: names no checkpoint of this run ({name[:40]!r}); "
+                               f"the run cannot continue: pass --overwrite to start it again")
+    return folder
 
 
 def save_checkpoint(
@@ -169,15 +183,48 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore the newest checkpoint into model/optimizer/scheduler/RNG; returns (state, best adapter)."""
+    """Restore the newest checkpoint into model/optimizer/scheduler/RNG; returns (state, best adapter).
+
+    Every file is read and checked before anything is restored (`saved_files`): adapters hold exactly the
+    model's trainable tensors, finite; optimizer, scheduler and RNG states match this run.
+    """
     folder = latest_checkpoint(output)
-    load_trainable_state(model, load_file(folder / "adapter.safetensors"))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    rng = torch.load(folder / f"rng-{accelerator.process_index}.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    expected = trainable_state(model)
+    adapter = read_tensors(folder / "adapter.safetensors", expected)
     best_file = folder / "best_adapter.safetensors"
-    best = load_file(best_file) if best_file.is_file() else None
-    return json.loads((folder / "state.json").read_text()), best
+    best = read_tensors(best_file, expected) if best_file.is_file() else None
+    state = read_json_object(folder / "state.json")
+    missing = sorted(STATE_KEYS - set(state))
+    if missing or not isinstance(state["step"], int) or state["step"] < 0:
+        raise CorruptFileError(f"{folder / 'state.json'}: not a checkpoint state (missing {missing or 'a valid step'})")
+    restored = [(optimizer, folder / "optimizer.pt"), (scheduler, folder / "scheduler.pt")]
+    states = [(target, path, read_torch_state(path)) for target, path in restored]
+    rng_file = folder / f"rng-{accelerator.process_index}.pt"
+    rng = read_torch_state(rng_file)
+    if not isinstance(rng, dict) or "torch" not in rng:
+        raise CorruptFileError(f"{rng_file}: not a random-number-generator state")
+    for target, path, saved in states:
+        try:
+            target.load_state_dict(saved)
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise CorruptFileError(f"{path}: does not match this run ({type(error).__name__}: {error})") from None
+    _check_optimizer_shapes(optimizer, folder / "optimizer.pt")
+    load_trainable_state(model, adapter)
+    try:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    except (RuntimeError, TypeError) as error:
+        raise CorruptFileError(f"{rng_file}: not a usable random-number-generator state ({error})") from None
+    return state, best
+
+
+
+def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Per-parameter optimizer tensors (AdamW's moments) have their parameter's shape."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for name, value in optimizer.state.get(parameter, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+                    raise CorruptFileError(f"{path}: optimizer {name} has shape {list(value.shape)}, "
+                                           f"its parameter {list(parameter.shape)}")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft import LoraConfig
 from torch import nn
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def names_module(name: str, key: str) -> bool:
@@ -48,13 +57,19 @@ class BayesLoraConfig(LoraConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("inducing_rows", "inducing_cols", "flow_hidden"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+            if not _is_integer(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not isinstance(self.flow_blocks, int) or self.flow_blocks < 0:
+        if not _is_integer(self.flow_blocks) or self.flow_blocks < 0:
             raise ValueError(f"flow_blocks must be a non-negative integer, got {self.flow_blocks!r}")
         for name in ("prior_sd", "lambda_init", "max_lambda", "sd_init", "max_sd_u"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("flow", "flow_output_affine"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.bayesian_modules is not None and not isinstance(self.bayesian_modules, (str, list, tuple, set)):
+            raise ValueError(f"bayesian_modules must be a name pattern or a list of names, got {self.bayesian_modules!r}")
         if self.lambda_init > self.max_lambda:
             raise ValueError(f"lambda_init={self.lambda_init} exceeds max_lambda={self.max_lambda}")
         if isinstance(self.bayesian_modules, (list, tuple, set)):

@@ -1,11 +1,24 @@
-"""The one exception type for bad user input.
+"""The exception types for bad user input and bad saved files.
 
 Anything a user can get wrong (an unknown task, a malformed file, a bad
-hyper-parameter) raises `UsageError` with a one-line message naming the
-offending value. The command line turns it into one line on stderr and exit
-code 2; library callers get an ordinary `ValueError` subclass.
+hyper-parameter, a damaged adapter folder) raises a `UsageError` with a
+one-line message naming the offending value or file. The command line turns
+it into one line on stderr and exit code 2; library callers get an ordinary
+`ValueError` subclass (`MissingFileError` is also a `FileNotFoundError`).
 """
 
 
 class UsageError(ValueError):
     """Bad user input, reported as one line naming the problem."""
+
+
+class MissingFileError(UsageError, FileNotFoundError):
+    """A file or folder the command needs does not exist."""
+
+
+class CorruptFileError(UsageError):
+    """A saved file cannot be read, or does not hold what the code expects (schema, tensors, values)."""
+
+
+class OutputInUseError(UsageError):
+    """Another bayeslora process is writing into the same output folder."""

@@ -22,10 +22,12 @@ from typing import Any
 from torch import nn
 
 import bayeslora
+from bayeslora.adapter import load_adapter, read_adapter_config
 from bayeslora.errors import UsageError
 from bayeslora.methods import Method, get_method
 from bayeslora.metrics import all_metrics
-from bayeslora.models import DEFAULT_MODEL, load_model, load_tokenizer
+from bayeslora.models import DEFAULT_MODEL, context_length, load_model, load_model_config, load_tokenizer
+from bayeslora.output_dir import check_writable, output_lock, remove_stale_temporaries
 from bayeslora.plots import save_reliability_diagram
 from bayeslora.predictive import Predictions, predict
 from bayeslora.scoring import MODES, NORMALIZATIONS, Scorer
@@ -41,18 +43,6 @@ def method_for(model: nn.Module, name: str | None = None) -> Method | None:
     return get_method("bayeslora") if bayeslora.is_bayesian(model) else None
 
 
-def attach_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """A saved adapter on top of `model`: Bayesian-LoRA when its adapter_config says so, else plain peft."""
-    from peft import PeftModel
-
-    config_path = Path(directory) / "adapter_config.json"
-    if not config_path.is_file():
-        raise UsageError(f"adapter folder {str(directory)!r} has no adapter_config.json")
-    if "bayesian_modules" in json.loads(config_path.read_text()):
-        return bayeslora.load_bayeslora_model(model, directory).eval()
-    return PeftModel.from_pretrained(model, directory).eval()
-
-
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
@@ -64,13 +54,18 @@ def evaluate(
     batch_size: int = 8,
     normalization: str = "mean",
     progress: bool = False,
+    truncate_left: bool = False,
 ) -> tuple[dict[str, Any], Predictions]:
     """Metrics of `model` on `questions` and the per-question predictions.
 
     `n_samples` defaults to the method's own default (1 without a method);
-    `seconds` is the wall-clock time of scoring, model loading excluded.
+    `seconds` is the wall-clock time of scoring, model loading excluded. A question
+    longer than the model's context is refused, or with `truncate_left` shortened
+    from the left (`Scorer`).
     """
-    scorer = Scorer(tokenizer, scoring, normalization=normalization)
+    config = getattr(model, "config", None)
+    scorer = Scorer(tokenizer, scoring, normalization=normalization,
+                    max_length=context_length(config) if config is not None else None, truncate_left=truncate_left)
     if n_samples is None:
         n_samples = method.default_samples if method is not None else 1
     start = time.perf_counter()
@@ -148,7 +143,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", required=True, help="folder for results.json, predictions.jsonl, reliability.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace the evaluation results already in --output")
+    parser.add_argument("--truncate-left", action="store_true",
+                        help="shorten questions longer than the model's context from the left (default: refuse them)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+#: what `write_outputs` writes; a folder holding any of them holds results
+OUTPUT_FILES = ("results.json", "predictions.jsonl", "reliability.png")
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse (UsageError) an output folder that cannot be written or holds results, unless `overwrite`."""
+    check_writable(output)
+    held = [name for name in OUTPUT_FILES if (output / name).exists()]
+    if held and not overwrite:
+        raise UsageError(f"output {output} already holds evaluation results ({held[0]}); "
+                         f"pass --overwrite to replace them, or choose another folder")
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -158,10 +169,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.task_file and args.split:
         raise UsageError("--split applies to --task only; a --task-file is used whole")
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise UsageError(f"--output {args.output!r} exists and is not a folder")
-    if args.adapter and not Path(args.adapter).is_dir():
-        raise UsageError(f"adapter folder {args.adapter!r} does not exist")
+    check_output(Path(args.output), args.overwrite)
+    if args.adapter:
+        read_adapter_config(args.adapter)  # the weights are checked against it when the model is loaded
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,12 +182,13 @@ def run(args: argparse.Namespace) -> int:
         questions = load_task(args.task, split, source=args.source, limit=args.limit)
     else:
         questions = load_task_file(args.task_file)[: args.limit]
-    # tokenise everything before loading weights: prompt problems (e.g. labels that are not
-    # single tokens) surface in seconds, and before anything is written
-    Scorer(load_tokenizer(args.model), args.scoring, normalization=args.normalization).collate(questions)
+    # tokenise everything before loading weights: prompt problems (labels that are not single tokens,
+    # questions longer than the model's context) surface in seconds, and before anything is written
+    Scorer(load_tokenizer(args.model), args.scoring, normalization=args.normalization,
+           max_length=context_length(load_model_config(args.model)), truncate_left=args.truncate_left).check(questions)
     model, tokenizer = load_model(args.model)
     if args.adapter:
-        model = attach_adapter(model, args.adapter)
+        model = load_adapter(model, args.adapter)
     method = method_for(model, args.method)
     results, predictions = evaluate(
         model,
@@ -190,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         normalization=args.normalization,
         progress=not args.no_progress,
+        truncate_left=args.truncate_left,
     )
     results = {
         "task": args.task,
@@ -200,7 +212,11 @@ def run(args: argparse.Namespace) -> int:
         "adapter": args.adapter,
         **results,
     }
-    write_outputs(args.output, results, questions, predictions)
+    output = Path(args.output)
+    with output_lock(output):
+        check_output(output, args.overwrite)  # again: another process may have written results meanwhile
+        remove_stale_temporaries(output)
+        write_outputs(output, results, questions, predictions)
     print(
         f"{args.task or args.task_file} ({results['split'] or 'file'}, {args.scoring}, n={results['n_examples']}, "
         f"samples={results['n_samples']}): ACC {results['accuracy_percent']:.2f}%  ECE {results['ece_percent']:.2f}%  "

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from bayeslora.errors import UsageError
 
@@ -103,6 +103,25 @@ def _load(loader, name_or_path: str, **options):
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer alone (left padding, a pad token): cheap, so inputs can be checked before loading weights."""
     return configure_tokenizer(_load(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code))
+
+
+def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's configuration alone (no weights): its context length can be checked before loading."""
+    return _load(AutoConfig, name_or_path, trust_remote_code=trust_remote_code)
+
+
+#: where configurations of different architectures keep the number of positions the model was built for
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model takes, in tokens; None when its configuration does not say."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in CONTEXT_LENGTH_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def load_model(

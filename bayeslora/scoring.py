@@ -41,6 +41,10 @@ and in every mode all choices of a question share both passes.
 
 Prompt and continuation are tokenised separately and concatenated, so every
 choice is scored on exactly the same prompt tokens.
+
+Given the model's context (`max_length`), a question whose prompt plus longest
+choice is longer is refused with its id and length; with `truncate_left` the
+start of its prompt is dropped instead (never silently).
 """
 
 from __future__ import annotations
@@ -133,13 +137,24 @@ def _model_device(model: nn.Module) -> torch.device:
 class Scorer:
     """Turns questions into model inputs (`collate`) and model outputs into per-choice logits."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, mode: str = "letter", normalization: str = "mean") -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        mode: str = "letter",
+        normalization: str = "mean",
+        max_length: int | None = None,
+        truncate_left: bool = False,
+    ) -> None:
+        """`max_length`: the model's context in tokens; a longer question (prompt + longest choice) is a
+        `UsageError` naming it, or, with `truncate_left`, loses the start of its prompt. None: no limit."""
         self.check_settings(mode, normalization)
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise UsageError("the tokenizer has neither a pad nor an end-of-sequence token to pad with")
         self.tokenizer = tokenizer
         self.mode = mode
         self.normalization = normalization
+        self.max_length = max_length
+        self.truncate_left = truncate_left
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @staticmethod
@@ -163,24 +178,55 @@ class Scorer:
         batch["answers"] = torch.tensor([question.answer for question in questions], dtype=torch.long)
         return batch
 
+    def check(self, questions: Sequence[Question]) -> None:
+        """Tokenise every question as `collate` would, without building tensors: label tokens, empty
+        choices and lengths fail here (a `UsageError`), before a model is loaded or anything is written."""
+        if not questions:
+            raise UsageError("cannot score an empty list of questions")
+        if self.mode == "letter":
+            prompt_tail, _ = label_tokens(self.tokenizer, max(len(question.choices) for question in questions))
+            for question in questions:
+                self._letter_tokens(question, prompt_tail)
+        else:
+            for question in questions:
+                self._cloze_tokens(question)
+
+    def _within_context(self, question: Question, prompt: list[int], continuation_length: int) -> list[int]:
+        """The prompt's tokens, shortened from the left if asked, so that prompt + longest continuation fit."""
+        total = len(prompt) + continuation_length
+        if self.max_length is None or total <= self.max_length:
+            return prompt
+        if not self.truncate_left:
+            raise UsageError(f"question {question.id!r} is {total} tokens (prompt + longest choice), longer than the "
+                             f"model's context of {self.max_length}; shorten it, or truncate it from the left (--truncate-left)")
+        keep = self.max_length - continuation_length
+        if keep < 1:
+            raise UsageError(f"question {question.id!r}: its longest choice alone is {continuation_length} tokens, "
+                             f"which leaves no room for the prompt in the model's context of {self.max_length}")
+        return prompt[len(prompt) - keep :]
+
+    def _letter_tokens(self, question: Question, prompt_tail: str) -> list[int]:
+        prompt = _encode(self.tokenizer, letter_prompt(question) + prompt_tail, special=True)
+        return self._within_context(question, prompt, 0)
+
+    def _cloze_tokens(self, question: Question) -> tuple[list[int], list[list[int]]]:
+        continuations = [_encode(self.tokenizer, cloze_continuation(choice), special=False) for choice in question.choices]
+        if any(len(tokens) == 0 for tokens in continuations):
+            raise UsageError(f"question {question.id!r} has a choice that encodes to no tokens")
+        prompt = _encode(self.tokenizer, cloze_prompt(question), special=True)
+        return self._within_context(question, prompt, max(map(len, continuations))), continuations
+
     def _collate_letter(self, questions: Sequence[Question]) -> Batch:
         max_choices = max(len(question.choices) for question in questions)
         prompt_tail, label_ids = label_tokens(self.tokenizer, max_choices)
-        prompts = [_encode(self.tokenizer, letter_prompt(question) + prompt_tail, special=True) for question in questions]
+        prompts = [self._letter_tokens(question, prompt_tail) for question in questions]
         input_ids, attention_mask = _left_pad(prompts, self.pad_id)
         labels = torch.tensor(label_ids, dtype=torch.long).expand(len(questions), max_choices).clone()
         return {"input_ids": input_ids, "attention_mask": attention_mask, "label_ids": labels}
 
     def _collate_cloze(self, questions: Sequence[Question]) -> Batch:
-        prompts = [_encode(self.tokenizer, cloze_prompt(question), special=True) for question in questions]
+        prompts, continuations = zip(*(self._cloze_tokens(question) for question in questions))
         prompt_ids, prompt_mask = _left_pad(prompts, self.pad_id)
-        continuations = [
-            [_encode(self.tokenizer, cloze_continuation(choice), special=False) for choice in question.choices]
-            for question in questions
-        ]
-        for question, encoded in zip(questions, continuations):
-            if any(len(tokens) == 0 for tokens in encoded):
-                raise UsageError(f"question {question.id!r} has a choice that encodes to no tokens")
         max_choices = max(len(encoded) for encoded in continuations)
         max_tokens = max(len(tokens) for encoded in continuations for tokens in encoded)
         choice_ids = torch.full((len(questions), max_choices, max_tokens), self.pad_id, dtype=torch.long)

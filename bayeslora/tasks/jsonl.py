@@ -5,6 +5,8 @@
 `choices` is a list of at least two strings, `answer` the 0-based index of
 the correct one; `id` (optional) defaults to "<file name>:<line number>";
 `context` (optional) is text shown before the question. Blank lines are skipped.
+The file must be UTF-8 and the choices of a question distinct; a line that
+breaks a rule is a `UsageError` naming its line number.
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ def _question_from_record(record: object, where: str, default_id: str) -> Questi
         raise UsageError(f"{where}: {len(choices)} choice(s); at least two are needed")
     if not 0 <= answer < len(choices):
         raise UsageError(f"{where}: answer index {answer} is out of range for {len(choices)} choices")
+    question_id = str(record.get("id", default_id))
+    repeated = sorted({choice for choice in choices if choices.count(choice) > 1})
+    if repeated:
+        raise UsageError(f"{where}: question {question_id!r} lists the choice {repeated[0]!r} more than once")
     return Question(
-        id=str(record.get("id", default_id)),
+        id=question_id,
         question=str(record["question"]),
         choices=tuple(choices),
         answer=answer,
@@ -48,11 +54,16 @@ def load_task_file(path: str | Path) -> list[Question]:
     if not path.is_file():
         raise UsageError(f"task file {str(path)!r} does not exist")
     questions = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            where = f"{path.name} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UsageError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1}); "
+                                 f"save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path.name} line {number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:

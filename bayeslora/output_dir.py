@@ -1,0 +1,93 @@
+"""Output folders: checked before any work starts, written by one process at a time, no stale temporaries.
+
+    check_writable(output)                 # before loading anything: one line if nothing can be written there
+    with output_lock(output):              # a second writer refuses in one line instead of interleaving
+        remove_stale_temporaries(output)   # what an interrupted write left behind
+        ...
+
+The lock is an advisory `flock` on `output/.lock` (the `filelock` package): the
+operating system releases it when its process ends, however it ends (SIGKILL
+included), so a killed run never leaves a folder locked.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from bayeslora.errors import OutputInUseError, UsageError
+
+LOCK_FILE = ".lock"
+
+
+def check_writable(output: Path) -> None:
+    """Create and delete a file where `output` is or would be made (permission bits alone mislead root,
+    read-only mounts and immutable folders); a `UsageError` if that fails. Writes nothing that stays."""
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {output} exists and is not a directory")
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"output {output} cannot be created: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError:
+        raise UsageError(f"output {output} is not writable") from None
+
+
+def holds_files(output: Path) -> bool:
+    """Whether `output` holds anything besides the lock file."""
+    return output.is_dir() and any(path.name != LOCK_FILE for path in output.iterdir())
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold the lock of `output` (created if needed) inside the block; `OutputInUseError` if another process has it."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / LOCK_FILE
+    lock = FileLock(path, timeout=0, fallback_to_soft=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputInUseError(f"output {output} is in use by another bayeslora process; "
+                               f"wait for it to finish or choose another directory") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def remove_stale_temporaries(output: Path) -> list[Path]:
+    """Delete what interrupted writes left in `output` and its subfolders; returns what was removed.
+
+    Every file bayeslora writes is first written under a name starting with "." (a staging file or
+    folder) and renamed into place; call this only while holding the folder's lock.
+    """
+    removed = []
+    for path in sorted(output.rglob(".*")):
+        if path.name == LOCK_FILE or not (path.exists() or path.is_symlink()):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path)
+    return removed
+
+
+def empty_folder(output: Path) -> None:
+    """Delete everything in `output` except its lock file (replacing a run while holding its lock)."""
+    for path in output.iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
