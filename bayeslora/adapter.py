@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from bayeslora.config import BayesLoraConfig, names_module
 from bayeslora.errors import CorruptFileError, MissingFileError
@@ -177,16 +179,10 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raise CorruptFileError(f"{path}: {str(error).strip().splitlines()[0]}") from None
 
 
-def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
-) -> PeftModel:
-    """A saved adapter (plain peft LoRA or Bayesian-LoRA) on `model`, every tensor verified.
-
-    The adapter is first built from its config with fresh factors, which says exactly which tensors the
-    weights file must hold; the file is then read and checked (`saved_files.read_tensors`: nothing missing,
-    nothing left over, shapes, finite values) before any value reaches the model. A mismatch is a
-    `CorruptFileError` naming the file, never peft's warning over freshly initialised factors.
-    """
+def _adapter_and_weights(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str, is_trainable: bool
+) -> tuple[PeftModel, dict[str, torch.Tensor]]:
+    """The adapter built on `model` from its saved config (fresh factors), and its weights file, verified against it."""
     config = read_adapter_config(directory)
     config.inference_mode = not is_trainable
     try:
@@ -200,8 +196,32 @@ def load_adapter(
     if not weights.is_file() and (Path(directory) / "adapter_model.bin").is_file():
         raise CorruptFileError(f"{Path(directory) / 'adapter_model.bin'}: pickle adapters are not read; "
                                f"re-save it as {ADAPTER_WEIGHTS} (peft's default)")
-    expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
-    set_peft_model_state_dict(peft_model, read_tensors(weights, expected), adapter_name=adapter_name)
+    return peft_model, read_tensors(weights, get_peft_model_state_dict(peft_model, adapter_name=adapter_name))
+
+
+def check_adapter(directory: str | os.PathLike, model_config: PretrainedConfig) -> None:
+    """Verify a saved adapter against a model's configuration without loading the model's weights.
+
+    The model is built on the meta device (no memory, no weights), which is enough to know every tensor
+    the adapter must hold; `evaluate` calls this before it loads anything.
+    """
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes about the skeleton's (empty) name and meta tensors
+        _adapter_and_weights(AutoModelForCausalLM.from_config(model_config), directory, "default", False)
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> PeftModel:
+    """A saved adapter (plain peft LoRA or Bayesian-LoRA) on `model`, every tensor verified.
+
+    The adapter is first built from its config with fresh factors, which says exactly which tensors the
+    weights file must hold; the file is then read and checked (`saved_files.read_tensors`: nothing missing,
+    nothing left over, shapes, finite values) before any value reaches the model. A mismatch is a
+    `CorruptFileError` naming the file, never peft's warning over freshly initialised factors.
+    """
+    peft_model, weights = _adapter_and_weights(model, directory, adapter_name, is_trainable)
+    set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
     if not is_trainable:
         peft_model.eval()
     return peft_model

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 import bayeslora
-from bayeslora.adapter import load_adapter, read_adapter_config
+from bayeslora.adapter import check_adapter, load_adapter
 from bayeslora.errors import UsageError
 from bayeslora.methods import Method, get_method
 from bayeslora.metrics import all_metrics
@@ -170,8 +170,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.task_file and args.split:
         raise UsageError("--split applies to --task only; a --task-file is used whole")
     check_output(Path(args.output), args.overwrite)
-    if args.adapter:
-        read_adapter_config(args.adapter)  # the weights are checked against it when the model is loaded
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,40 +180,43 @@ def run(args: argparse.Namespace) -> int:
         questions = load_task(args.task, split, source=args.source, limit=args.limit)
     else:
         questions = load_task_file(args.task_file)[: args.limit]
-    # tokenise everything before loading weights: prompt problems (labels that are not single tokens,
-    # questions longer than the model's context) surface in seconds, and before anything is written
+    # everything is checked before weights load or anything is written: every question is tokenised
+    # (labels that are not single tokens, questions longer than the model's context) and every
+    # adapter tensor is checked against a weightless skeleton of the model
+    model_config = load_model_config(args.model)
     Scorer(load_tokenizer(args.model), args.scoring, normalization=args.normalization,
-           max_length=context_length(load_model_config(args.model)), truncate_left=args.truncate_left).check(questions)
-    model, tokenizer = load_model(args.model)
+           max_length=context_length(model_config), truncate_left=args.truncate_left).check(questions)
     if args.adapter:
-        model = load_adapter(model, args.adapter)
-    method = method_for(model, args.method)
-    results, predictions = evaluate(
-        model,
-        tokenizer,
-        questions,
-        scoring=args.scoring,
-        method=method,
-        n_samples=args.samples,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        normalization=args.normalization,
-        progress=not args.no_progress,
-        truncate_left=args.truncate_left,
-    )
-    results = {
-        "task": args.task,
-        "task_file": args.task_file,
-        "split": split if args.task else None,
-        "source": args.source if args.task else None,
-        "model": args.model,
-        "adapter": args.adapter,
-        **results,
-    }
+        check_adapter(args.adapter, model_config)
     output = Path(args.output)
     with output_lock(output):
-        check_output(output, args.overwrite)  # again: another process may have written results meanwhile
+        check_output(output, args.overwrite)  # again, now that no other process can write there
         remove_stale_temporaries(output)
+        model, tokenizer = load_model(args.model)
+        if args.adapter:
+            model = load_adapter(model, args.adapter)
+        results, predictions = evaluate(
+            model,
+            tokenizer,
+            questions,
+            scoring=args.scoring,
+            method=method_for(model, args.method),
+            n_samples=args.samples,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            normalization=args.normalization,
+            progress=not args.no_progress,
+            truncate_left=args.truncate_left,
+        )
+        results = {
+            "task": args.task,
+            "task_file": args.task_file,
+            "split": split if args.task else None,
+            "source": args.source if args.task else None,
+            "model": args.model,
+            "adapter": args.adapter,
+            **results,
+        }
         write_outputs(output, results, questions, predictions)
     print(
         f"{args.task or args.task_file} ({results['split'] or 'file'}, {args.scoring}, n={results['n_examples']}, "

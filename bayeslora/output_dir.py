@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -49,7 +49,11 @@ def holds_files(output: Path) -> bool:
 
 @contextmanager
 def output_lock(output: Path) -> Iterator[None]:
-    """Hold the lock of `output` (created if needed) inside the block; `OutputInUseError` if another process has it."""
+    """Hold the lock of `output` (created if needed) inside the block; `OutputInUseError` if another process has it.
+
+    A folder this call created and the block left empty (it failed before writing) is removed again.
+    """
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     path = output / LOCK_FILE
     lock = FileLock(path, timeout=0, fallback_to_soft=False)
@@ -61,6 +65,10 @@ def output_lock(output: Path) -> Iterator[None]:
     try:
         yield
     finally:
+        if created and not holds_files(output):
+            path.unlink(missing_ok=True)
+            with suppress(OSError):  # something appeared meanwhile: keep the folder
+                output.rmdir()
         lock.release()
 
 

@@ -57,7 +57,7 @@ from bayeslora.errors import UsageError
 from bayeslora.evaluate import evaluate, write_outputs
 from bayeslora.methods import get_method
 from bayeslora.metrics import nll
-from bayeslora.models import load_model
+from bayeslora.models import context_length, load_model, load_model_config, load_tokenizer
 from bayeslora.predictive import predict
 from bayeslora.scoring import Scorer
 from bayeslora.schedules import KLWeighting, lr_scheduler
@@ -317,7 +317,8 @@ def evaluate_into(directory: Path, model: nn.Module, tokenizer, questions: Seque
                   **description: Any) -> dict[str, Any]:
     """The protocol's evaluation path: results.json, predictions.jsonl, reliability.png in `directory`."""
     results, predictions = evaluate(model, tokenizer, questions, settings.scoring, method, settings.samples,
-                                    settings.seed, settings.eval_batch_size, settings.normalization, progress=True)
+                                    settings.seed, settings.eval_batch_size, settings.normalization, progress=True,
+                                    truncate_left=settings.truncate_left)
     results = {"task": settings.task, "task_file": settings.eval_file, "split": EVALUATION_ROLE if settings.task else None,
                "model": settings.model, "limit_eval": settings.limit_eval, **description, **results}
     write_outputs(directory, results, questions, predictions)
@@ -345,10 +346,14 @@ def run(args: argparse.Namespace) -> int:
     train_split, evaluation = load_questions(settings)
     train, validation = split_validation(train_split, settings.validation_size, settings.validation_seed, settings.limit_train)
     method = get_method(settings.method, **settings.method_options)
+    # fail before loading weights or writing anything if the model cannot score every question (letter
+    # labels that are not single tokens, questions longer than its context)
+    Scorer(load_tokenizer(settings.model), settings.scoring, normalization=settings.normalization,
+           max_length=context_length(load_model_config(settings.model)), truncate_left=settings.truncate_left,
+           ).check([*train, *validation, *evaluation])
     model, tokenizer = load_model(settings.model)
-    scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization)
-    # fail before writing anything if this tokenizer cannot score the task (e.g. letter labels that are not tokens)
-    scorer.collate([max([*train, *evaluation], key=lambda question: len(question.choices))])
+    scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization,
+                    max_length=context_length(model.config), truncate_left=settings.truncate_left)
     # without a GPU, accelerate runs several launched processes as one gloo group only when told cpu=True
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
