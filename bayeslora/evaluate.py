@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 import bayeslora
 from bayeslora.errors import UsageError
+from bayeslora.files import write_atomically
 from bayeslora.methods import Method, get_method
 from bayeslora.metrics import all_metrics
 from bayeslora.models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -67,12 +67,10 @@ def evaluate(
 ) -> tuple[dict[str, Any], Predictions]:
     """Metrics of `model` on `questions` and the per-question predictions.
 
-    `n_samples` defaults to the method's own default (1 without a method);
+    `n_samples` None: the method's own default (1 without a method);
     `seconds` is the wall-clock time of scoring, model loading excluded.
     """
     scorer = Scorer(tokenizer, scoring, normalization=normalization)
-    if n_samples is None:
-        n_samples = method.default_samples if method is not None else 1
     start = time.perf_counter()
     predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size, progress=progress)
     seconds = time.perf_counter() - start
@@ -112,12 +110,6 @@ def prediction_records(questions: Sequence[Question], predictions: Predictions) 
         }
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
-
-
 def write_outputs(
     directory: str | Path, results: dict[str, Any], questions: Sequence[Question], predictions: Predictions
 ) -> None:
@@ -125,11 +117,11 @@ def write_outputs(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(record) + "\n" for record in prediction_records(questions, predictions))
-    _write_text_atomically(directory / "predictions.jsonl", lines)
+    write_atomically(directory / "predictions.jsonl", lines)
     source = f"{results['task']} / {results['split']}" if results.get("task") else Path(results.get("task_file") or "questions").name
     title = f"{source} ({results['scoring']} scoring, {results['n_samples']} draw(s))"
     save_reliability_diagram(predictions.probs, predictions.answers, directory / "reliability.png", title)
-    _write_text_atomically(directory / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(directory / "results.json", json.dumps(results, indent=2) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,14 +22,14 @@ import torch
 from torch import nn
 
 import bayeslora
-from bayeslora.methods.base import Method, register_method
+from bayeslora.methods.base import PREDICTIVE_SAMPLES, Method, register_method
 from bayeslora.methods.lora import LORA_KEYS
 
 
 @register_method
 class BayesLora(Method):
     name: ClassVar[str] = "bayeslora"
-    default_samples: ClassVar[int] = 4
+    default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
     weight_decay: ClassVar[float] = 0.01
 
     def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
@@ -41,6 +41,6 @@ class BayesLora(Method):
     ) -> torch.Tensor:
         return bayeslora.kl_divergence(model) / n_train
 
-    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
-        for sample in range(n_samples):
+    def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
+        for sample in range(self.sample_count(n_samples)):
             yield bayeslora.sampling(model, "sample", seed=seed + sample, hold=True)
