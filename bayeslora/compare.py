@@ -1,25 +1,21 @@
-"""`bayeslora compare`: every (task, method, seed) as one `train` run, then the comparison tables.
+"""`bayeslora compare`: every (task, method, seed) as one `train` run, then the comparison tables (`report`).
 
     bayeslora compare --model smollm2-135m --tasks arc_easy,openbookqa --methods mle,map,bayeslora \\
         --seeds 1,2,3 --output runs/compare
     bayeslora compare --preset smoke --output /tmp/smoke        # all methods, tiny fixture, ~1-2 minutes
 
-One *unit* is one (training task, method, seed): exactly the run
-`bayeslora train --task <task> --method <method> --seed <seed>` does with the
-grid's settings (`experiment.run_experiment`: train role, selection and
-post-hoc fit on the validation role, evaluation on the test role), plus, for
-the `--ood-from` task, each `--ood-tasks` test set without retraining. The
-grid's training settings are `train`'s (`TrainSettings`): the flags below, a
-`--train-config` YAML with `train`'s keys, and the preset, converted and checked
-the same way. Each unit runs in its own process (its peak memory is then its
-own) and writes DIR/runs/<task>/<method>/seed-<seed>/:
-    (the run directory of `bayeslora train`)   run.json, checkpoints, adapter, results.json, ...
-    eval/<ood task>/                           results.json, predictions.jsonl, reliability.png
-    cost.json                                  written last: the unit is finished
-A rerun skips finished units and resumes an interrupted one from its
-checkpoints, so a crash or an interrupt loses no finished run; a rerun with
-different settings in the same DIR is refused. Then `report` writes the
-tables and reliability diagrams from every finished unit.
+One *unit* is one (training task, method, seed): the run `bayeslora train
+--task <task> --method <method> --seed <seed>` does with the grid's training
+settings (`experiment.run_experiment`), which are `train`'s: the flags below, a
+`--train-config` YAML with `train`'s keys and the preset, converted and checked
+alike. The `--ood-from` task's units are also evaluated on each `--ood-tasks`
+test set, without retraining. Each unit runs in its own process (its peak
+memory is then its own) and writes DIR/runs/<task>/<method>/seed-<seed>/:
+    (a `bayeslora train` run directory)   run.json, checkpoints, adapter, results.json, ...
+    eval/<ood task>/                      results.json, predictions.jsonl, reliability.png
+    cost.json                             written last: the unit is finished
+A rerun skips finished units and resumes interrupted ones from their
+checkpoints; a rerun with different settings in the same DIR is refused.
 """
 
 from __future__ import annotations
@@ -34,14 +30,7 @@ from typing import Any
 from bayeslora.errors import UsageError
 from bayeslora.files import write_atomically
 from bayeslora.presets import PRESETS
-from bayeslora.train_settings import (
-    TrainSettings,
-    add_setting_flags,
-    given_settings,
-    make_settings,
-    read_config,
-    read_yaml_mapping,
-)
+from bayeslora.train_settings import TrainSettings, add_setting_flags, given_settings, make_settings, read_config, read_yaml_mapping
 
 #: the training settings compare takes as flags (every other one through --train-config)
 SETTING_FLAGS = ("scoring", "samples", "epochs", "max_steps", "batch_size", "lr", "limit_train", "limit_validation",
@@ -90,7 +79,8 @@ class Grid:
         return {"model": self.model, **self.train, "method_options": self.method_options}
 
 
-def _names(text: str | None, what: str) -> list[str] | None:
+def _names(text: str | None, what: str, kind: type = str) -> list | None:
+    """A comma-separated flag value: distinct names (or integers, `kind=int`); None when the flag is not given."""
     if text is None:
         return None
     names = [name.strip() for name in text.split(",") if name.strip()]
@@ -99,17 +89,10 @@ def _names(text: str | None, what: str) -> list[str] | None:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise UsageError(f"--{what} lists {', '.join(duplicates)} more than once")
-    return names
-
-
-def _seeds(text: str | None) -> list[int] | None:
-    names = _names(text, "seeds")
-    if names is None:
-        return None
     try:
-        return [int(name) for name in names]
+        return [kind(name) for name in names]
     except ValueError:
-        raise UsageError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        raise UsageError(f"--{what} must be comma-separated integers, got {text!r}") from None
 
 
 def _check_tasks(names: list[str], flag: str, role: str) -> None:
@@ -129,7 +112,7 @@ def resolve_grid(args: argparse.Namespace) -> Grid:
     preset = PRESETS[args.preset] if args.preset else {}
     tasks = _names(args.tasks, "tasks") or preset.get("tasks")
     methods = _names(args.methods, "methods") or preset.get("methods")
-    seeds = _seeds(args.seeds) or preset.get("seeds") or [1]
+    seeds = _names(args.seeds, "seeds", int) or preset.get("seeds") or [1]
     ood_from = args.ood_from or (preset.get("ood_from") if args.ood_tasks is None else None)
     ood_tasks = _names(args.ood_tasks, "ood-tasks") or (preset.get("ood_tasks", []) if args.ood_from is None else [])
     if not tasks:
@@ -173,28 +156,24 @@ def unit_finished(grid: Grid, task: str, method: str, seed: int) -> bool:
 
 
 def run_unit(grid: Grid, task: str, method: str, seed: int) -> None:
-    """Train (or resume) one unit as a `train` run, evaluate it, then write cost.json."""
+    """In the unit's own process: train (or resume) it as a `train` run, evaluate it, then write cost.json.
+    An error is recorded in error.txt for the parent's one-line report, then re-raised (exit code != 0)."""
     import torch
 
     from bayeslora.checkpoint import has_checkpoint
     from bayeslora.experiment import run_experiment
     from bayeslora.report import write_cost
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    directory = grid.unit_dir(task, method, seed)
-    resume = has_checkpoint(directory)
-    ood = [name for name in grid.eval_tasks(task) if name != task]
-    run = run_experiment(grid.settings(task, method, seed), ood, resume=resume, overwrite=not resume)
-    write_cost(directory, run, {task: run.evaluation, **run.extra_evaluations})
-
-
-def _unit_process(grid: Grid, task: str, method: str, seed: int) -> None:
     directory = grid.unit_dir(task, method, seed)
     (directory / "error.txt").unlink(missing_ok=True)
     try:
-        run_unit(grid, task, method, seed)
-    except BaseException as error:  # recorded for the parent's one-line report, then re-raised (exit code != 0)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        resume = has_checkpoint(directory)
+        ood = [name for name in grid.eval_tasks(task) if name != task]
+        run = run_experiment(grid.settings(task, method, seed), ood, resume=resume, overwrite=not resume)
+        write_cost(directory, run, {task: run.evaluation, **run.extra_evaluations})
+    except BaseException as error:
         directory.mkdir(parents=True, exist_ok=True)
         write_atomically(directory / "error.txt", f"{type(error).__name__}: {error}\n")
         raise
@@ -248,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{index}/{len(units)}] {task} / {method} / seed {seed}: finished earlier, reused", flush=True)
             continue
         print(f"[{index}/{len(units)}] {task} / {method} / seed {seed}", flush=True)
-        process = context.Process(target=_unit_process, args=(grid, task, method, seed))
+        process = context.Process(target=run_unit, args=(grid, task, method, seed))
         process.start()
         try:
             process.join()
@@ -259,7 +238,8 @@ def run(args: argparse.Namespace) -> int:
             return 130
         if process.exitcode != 0:
             error = grid.unit_dir(task, method, seed) / "error.txt"
-            failures.append(f"{task} / {method} / seed {seed}: " + (error.read_text().strip() if error.is_file() else f"exit code {process.exitcode}"))
+            reason = error.read_text().strip() if error.is_file() else f"exit code {process.exitcode}"
+            failures.append(f"{task} / {method} / seed {seed}: {reason}")
     write_tables(grid)
     print(f"wrote {grid.output / 'table.md'} and {grid.output / 'table.json'}")
     for failure in failures:

@@ -149,18 +149,9 @@ def _batches(scorer, questions: Sequence, batch_size: int, device: torch.device)
     return [_to_device(scorer.collate(questions[i : i + batch_size]), device) for i in range(0, len(questions), batch_size)]
 
 
-def _fit_member(
-    model: nn.Module,
-    scorer,
-    method,
-    train_questions: Sequence,
-    validation_questions: Sequence,
-    settings: TrainSettings,
-    output: Path,
-    accelerator: Accelerator,
-    seed: int,
-    resume: bool,
-) -> FitResult:
+def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, validation_questions: Sequence,
+                settings: TrainSettings, output: Path, accelerator: Accelerator, seed: int, resume: bool) -> FitResult:
+    """`fit` for one member (the whole model for single-adapter methods), data order seeded with `seed`."""
     s = settings
     per_step = accelerator.num_processes * s.grad_accum
     if s.batch_size % per_step:
