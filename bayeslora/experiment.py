@@ -49,7 +49,7 @@ from bayeslora.models import load_model
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import EVALUATION_ROLE, Question, load_task, load_task_file
 from bayeslora.train import TrainingDiverged, fit
-from bayeslora.train_settings import TrainSettings, add_arguments, settings_from_args
+from bayeslora.train_settings import FILE_VALIDATION_SIZE, TrainSettings, add_arguments, settings_from_args
 
 __all__ = ["Experiment", "add_arguments", "load_questions", "run", "run_experiment", "split_validation"]
 
@@ -86,7 +86,8 @@ def load_questions(settings: TrainSettings) -> tuple[list[Question], list[Questi
         train = load_task(s.task, "train", source=s.source, limit=s.limit_train)
         validation = load_task(s.task, "validation", source=s.source, limit=s.limit_validation)
         return train, validation, load_task(s.task, EVALUATION_ROLE, source=s.source, limit=s.limit_eval)
-    train, validation = split_validation(load_task_file(s.task_file), s.validation_size, s.validation_seed, s.limit_train)
+    size = FILE_VALIDATION_SIZE if s.validation_size is None else s.validation_size
+    train, validation = split_validation(load_task_file(s.task_file), size, s.validation_seed, s.limit_train)
     evaluation = load_task_file(s.eval_file)[: s.limit_eval] if s.eval_file else []
     return train, validation[: s.limit_validation], evaluation
 

@@ -32,6 +32,10 @@ def _setting(default: Any, help: str, **argparse_options: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_options})
 
 
+#: questions held out of a --task-file for model selection unless validation_size says otherwise
+FILE_VALIDATION_SIZE = 200
+
+
 @dataclass
 class TrainSettings:
     # what to train
@@ -53,9 +57,10 @@ class TrainSettings:
     # data
     limit_train: int | None = _setting(None, "use at most this many training questions", type=int)
     limit_eval: int | None = _setting(None, "evaluate on the first K evaluation questions only (not the protocol)", type=int)
-    limit_validation: int | None = _setting(None, "use the first K questions of the task's validation role", type=int)
-    validation_size: int = _setting(200, "--task-file: questions held out from the file for model selection "
-                                         "(a registry task selects on its validation role)", type=int)
+    limit_validation: int | None = _setting(None, "use the first K validation questions (model selection, post-hoc fits)", type=int)
+    validation_size: int | None = _setting(None, "--task-file: questions held out of the file for model selection "
+                                                 f"(default {FILE_VALIDATION_SIZE}; a registry task selects on its "
+                                                 "validation role)", type=int)
     validation_seed: int = _setting(0, "--task-file: seed of the validation hold-out (independent of --seed)", type=int)
     # optimisation
     epochs: int = _setting(1, "passes over the training questions", type=int)
@@ -199,8 +204,11 @@ def validate(settings: TrainSettings) -> None:
         if not value > 0:
             raise UsageError(f"{name} must be > 0, got {value}")
     non_negative = {"beta": s.beta, "kl_warmup": s.kl_warmup, "warmup_steps": s.warmup_steps,
-                    "max_grad_norm": s.max_grad_norm, "validation_size": s.validation_size,
+                    "max_grad_norm": s.max_grad_norm, "validation_size": s.validation_size or 0,
                     "entropy_bonus": s.entropy_bonus, "lora_alpha": s.lora_alpha}
+    if s.validation_size is not None and s.task is not None:
+        raise UsageError("validation_size holds questions out of a --task-file; a registry task selects on its "
+                         "validation role (cap it with limit_validation)")
     for name, value in non_negative.items():
         if not value >= 0:
             raise UsageError(f"{name} must be >= 0, got {value}")
@@ -209,5 +217,5 @@ def validate(settings: TrainSettings) -> None:
             raise UsageError(f"{name} must be in [0, 1), got {value}")
     if any(epoch <= 0 for epoch in s.lr_milestones):
         raise UsageError(f"lr_milestones must be positive epochs, got {s.lr_milestones}")
-    if s.early_stopping is not None and s.task_file is not None and s.validation_size == 0:
+    if s.early_stopping is not None and s.validation_size == 0:
         raise UsageError("early_stopping needs a validation set (validation_size > 0)")

@@ -50,6 +50,10 @@ def test_a_compare_unit_is_the_train_run_with_the_same_settings(tmp_path, capsys
         expected, actual = load_file(train / adapter), load_file(unit / adapter)
         assert expected.keys() == actual.keys()
         assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    # one meaning of validation: the task's validation role (capped by limit_validation), not a train hold-out
+    for folder in (train, unit):
+        assert {k: v for k, v in json.loads((folder / "training.json").read_text()).items() if k != "members"} == \
+            {"n_train": 48, "n_validation": 8}
     results, unit_results = (json.loads((folder / "results.json").read_text()) for folder in (train, unit))
     assert {key: results[key] for key in METRICS} == {key: unit_results[key] for key in METRICS}
     assert results["n_samples"] == (3 if method == "ensemble" else 4)  # the method's own default
@@ -62,6 +66,8 @@ def test_an_invalid_train_config_value_exits_2_with_one_line_in_both_commands(tm
              "--output", str(tmp_path / "train")]
     assert main(train) == 2
     assert "lr must be float, got 'fast'" in _one_line_error(capsys)
+    assert main([*train[:1], *train[3:], "--validation-size", "4"]) == 2  # no config: only this value is wrong
+    assert "a registry task selects on its validation role" in _one_line_error(capsys)
     compare = ["compare", "--train-config", str(config), "--tasks", "smoke_arith", "--methods", "mle",
                "--output", str(tmp_path / "compare")]
     assert main(compare) == 2
