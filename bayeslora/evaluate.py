@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 import bayeslora
-from bayeslora.errors import UsageError
+from bayeslora.errors import UsageError, check_count
 from bayeslora.files import write_atomically
 from bayeslora.methods import Method, get_method
 from bayeslora.metrics import all_metrics
@@ -146,8 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading data or a model."""
     for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
+        check_count(flag, value)
     if args.task_file and args.split:
         raise UsageError("--split applies to --task only; a --task-file is used whole")
     if Path(args.output).exists() and not Path(args.output).is_dir():

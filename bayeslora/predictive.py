@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bayeslora.errors import UsageError
+from bayeslora.errors import check_count
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import Question
 
@@ -104,10 +104,8 @@ def predict(
     `n_samples` is passed to the method (None: its default). Without a method the model is
     deterministic: one draw, no logit adjustment.
     """
-    if n_samples is not None and n_samples < 1:
-        raise UsageError(f"the number of samples must be at least 1, got {n_samples}")
-    if batch_size < 1:
-        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    check_count("the number of samples", n_samples)
+    check_count("batch size", batch_size)
     # batches of similar length waste less compute on padding; results go back to the input order
     order = sorted(range(len(questions)), key=lambda index: _text_length(questions[index]))
     ordered = [questions[index] for index in order]

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, ContextManager
 from peft import PeftModel
 from torch import nn
 
-from bayeslora.errors import UsageError
+from bayeslora.errors import check_count
 from bayeslora.methods.base import Method, register_method
 from bayeslora.methods.lora import lora_config, plain_lora
 
@@ -52,8 +52,7 @@ class Ensemble(Method):
     default_samples: ClassVar[int] = 3
 
     def __init__(self, members: int = 3, **options: Any) -> None:
-        if members < 1:
-            raise UsageError(f"ensemble members must be >= 1, got {members}")
+        check_count("ensemble members", members)
         super().__init__(**options)
         self.n_members = members
         self.training_member: int | None = None  # set inside `members`: the one being trained
