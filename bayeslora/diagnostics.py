@@ -74,11 +74,20 @@ def relative_updates(model: nn.Module) -> dict[str, float]:
     return {name: sum(values) / len(values) for name, values in ratios.items()}
 
 
-def draw_disagreement(predictions) -> dict[str, float]:
-    """Mean mutual information (nats) and mean draw spread of choice log-probabilities over questions."""
+def draw_disagreement(predictions) -> dict[str, float | None]:
+    """Means over questions of the mutual information (nats), also over wrongly and rightly answered
+    questions (None where there are none), and of the draw spread of the choice log-probabilities."""
+    mi = predictions.mutual_information
+    wrong = predictions.probs.argmax(-1) != predictions.answers
+
+    def mean(values: torch.Tensor) -> float | None:
+        return values.mean().item() if len(values) else None
+
     return {
-        "mutual_information": predictions.mutual_information.mean().item(),
-        "draw_spread": predictions.draw_spread.mean().item(),
+        "mutual_information": mean(mi),
+        "mutual_information_wrong": mean(mi[wrong]),
+        "mutual_information_right": mean(mi[~wrong]),
+        "draw_spread": mean(predictions.draw_spread),
     }
 
 

@@ -8,7 +8,8 @@ from peft.tuners.lora import LoraLayer
 
 import bayeslora
 from bayeslora import BayesLoraConfig, get_bayeslora_model
-from bayeslora.diagnostics import MI_FLOAT_FLOOR, collapse_message, posterior_state
+from bayeslora.diagnostics import MI_FLOAT_FLOOR, collapse_message, draw_disagreement, posterior_state
+from bayeslora.predictive import summarise_draws
 from tests.conftest import make_tiny_llama
 
 
@@ -72,3 +73,16 @@ def test_collapse_is_reported_only_at_the_float_floor():
 def test_no_bayesian_factors_is_an_error():
     with pytest.raises(ValueError, match="no Bayesian factors"):
         posterior_state(make_tiny_llama())
+
+
+def test_draw_disagreement_splits_mutual_information_by_correctness():
+    # question 0: draws (0.9, 0.1) and (0.1, 0.9), gold 1 -> mixture (0.5, 0.5), predicted 0: wrong
+    # question 1: both draws (0.8, 0.2), gold 0 -> right, MI 0
+    log_probs = torch.tensor([[[0.9, 0.1], [0.8, 0.2]], [[0.1, 0.9], [0.8, 0.2]]]).log()
+    summary = draw_disagreement(summarise_draws(log_probs, torch.tensor([1, 0])))
+    h = lambda p: -sum(x * math.log(x) for x in p)  # noqa: E731
+    mi_wrong = h([0.5, 0.5]) - h([0.9, 0.1])
+    assert summary["mutual_information_wrong"] == pytest.approx(mi_wrong, rel=1e-5)
+    assert summary["mutual_information_right"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["mutual_information"] == pytest.approx(mi_wrong / 2, rel=1e-5)
+    assert draw_disagreement(summarise_draws(log_probs[:, 1:], torch.tensor([0])))["mutual_information_wrong"] is None
