@@ -35,11 +35,12 @@ from bayeslora.train_settings import TrainSettings, add_setting_flags, given_set
 #: the training settings compare takes as flags (every other one through --train-config)
 SETTING_FLAGS = ("scoring", "samples", "epochs", "max_steps", "batch_size", "lr", "limit_train", "limit_validation",
                  "limit_eval", "eval_batch_size")
-#: compare's own defaults for training settings (cloze: SmolLM2-135M is at chance with letter scoring)
-DEFAULTS = {"scoring": "cloze"}
-#: settings each unit sets itself; the base model is not a unit of the grid, so no zero-shot evaluation
+#: compare's own defaults for training settings (cloze: SmolLM2-135M is at chance with letter scoring;
+#: the base model is not a unit of the grid, so no zero-shot evaluation unless the --train-config asks)
+DEFAULTS = {"scoring": "cloze", "zero_shot": False}
+#: settings each unit sets itself
 OWNED = {"model": None, "task": None, "task_file": None, "eval_file": None, "method": None, "method_options": None,
-         "output": None, "seed": None, "zero_shot": False}
+         "output": None, "seed": None}
 
 
 @dataclass
