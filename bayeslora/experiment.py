@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from torch import nn
 from bayeslora.checkpoint import check_output_dir, start_run_dir
 from bayeslora.errors import UsageError
 from bayeslora.evaluate import evaluate, write_outputs
-from bayeslora.files import write_atomically
+from bayeslora.files import write_atomically, write_files_atomically
 from bayeslora.methods import Method, get_method
 from bayeslora.models import load_model
 from bayeslora.scoring import Scorer
@@ -147,7 +146,7 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     train_seconds = time.perf_counter() - start
     if not accelerator.is_main_process:
         return None
-    save_adapter(model, output)
+    write_files_atomically(output, model.save_pretrained)  # the adapter, in peft format
     summary = {"n_train": len(train), "n_validation": len(validation), "members": [dataclasses.asdict(r) for r in results]}
     write_atomically(output / "training.json", json.dumps(summary, indent=1))
     after = None
@@ -171,17 +170,6 @@ def evaluate_into(directory: Path, model: nn.Module, tokenizer, questions: Seque
                "model": settings.model, "limit_eval": settings.limit_eval, **description, **results}
     write_outputs(directory, results, questions, predictions)
     return results
-
-
-def save_adapter(model: nn.Module, output: Path) -> None:
-    """peft's save_pretrained into a staging folder, then each file written atomically into `output`."""
-    with tempfile.TemporaryDirectory(dir=output, prefix=".adapter-") as staging:
-        model.save_pretrained(staging)
-        for path in Path(staging).rglob("*"):
-            if path.is_file():
-                target = output / path.relative_to(staging)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(target, path.read_bytes())
 
 
 def print_summary(before: dict | None, after: dict, output: Path) -> None:

@@ -31,7 +31,6 @@ from typing import Any, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
