@@ -104,8 +104,9 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
                    overwrite: bool = False) -> Experiment | None:
     """Train and evaluate one adapter into `settings.output` (see the module docstring); None on other processes.
 
-    `resume` continues the run in the output directory from its checkpoints, `overwrite` replaces it;
-    raises `train.TrainingDiverged` when the loss stops being finite.
+    `extra_eval_tasks`: registry tasks also evaluated (test role) into `<output>/eval/<task>/`. `resume`
+    continues the run in the output directory from its checkpoints, `overwrite` replaces it; raises
+    `train.TrainingDiverged` when the loss stops being finite.
     """
     output = Path(settings.output)
     identity = settings.run_identity()
