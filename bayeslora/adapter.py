@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from bayeslora.config import BayesLoraConfig, names_module
 from bayeslora.errors import CorruptFileError, MissingFileError
+from bayeslora.files import write_files_atomically
 from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
 from bayeslora.layer import BayesLoraLinear
 from bayeslora.saved_files import read_json_object, read_tensors
@@ -249,10 +249,9 @@ def export_mean_lora(model: PeftModel, directory: str | os.PathLike, adapter_nam
                 factor = getattr(module, part)[adapter_name]
                 weight = factor.mean_weight() if isinstance(factor, InducingFactor) else factor.weight
                 state[f"{name}.{part}.weight"] = weight.detach().float().cpu().contiguous()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
+
+    def save(staging: Path) -> None:
         plain.save_pretrained(staging)
-        save_file(state, Path(staging) / "adapter_model.safetensors")
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            os.replace(Path(staging) / name, directory / name)
+        save_file(state, staging / "adapter_model.safetensors")
+
+    write_files_atomically(directory, save)

@@ -22,18 +22,19 @@ Reading a checkpoint back checks every file first (`saved_files`).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from bayeslora.errors import CorruptFileError, UsageError
+from bayeslora.files import write_atomically
 from bayeslora.output_dir import check_writable, empty_folder, holds_files, remove_stale_temporaries
 from bayeslora.saved_files import read_json_object, read_tensors, read_torch_state
 
@@ -71,11 +72,12 @@ def check_output_dir(output: Path, identity: dict[str, Any], *, resume: bool, ov
         if differences:
             key = differences[0]
             raise UsageError(f"cannot resume {output}: {key} was {previous.get(key)!r}, now {identity.get(key)!r}")
-        latest_checkpoint(output)  # a damaged pointer is reported now, before anything is loaded
+        for pointer in output.glob(f"**/{CHECKPOINTS}/latest"):  # an ensemble's are in its member folders
+            latest_checkpoint(pointer.parent.parent)  # a damaged pointer is reported now, before anything loads
     elif not overwrite:
         if previous != identity:
             raise UsageError(f"output {output} holds a different run; pass --overwrite to replace it")
-        state = "no checkpoint yet" if latest_checkpoint(output) is None else "checkpointed"
+        state = "checkpointed" if has_checkpoint(output) else "no checkpoint yet"
         raise UsageError(f"output {output} holds the same run ({state}); pass --resume to continue it "
                          f"or --overwrite to replace it")
 
@@ -89,20 +91,6 @@ def start_run_dir(output: Path, identity: dict[str, Any], *, resume: bool, overw
     remove_stale_temporaries(output)
     if not resume:
         write_atomically(output / RUN_FILE, json.dumps(identity, indent=1, sort_keys=True).encode())
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -119,6 +107,17 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for name, value in state.items():
             parameters[name].copy_(value)
+
+
+def _torch_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def has_checkpoint(output: Path) -> bool:
+    """Whether the run in `output` has a checkpoint to resume from (an ensemble's are in its member folders)."""
+    return any(output.glob(f"**/{CHECKPOINTS}/latest"))
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -157,14 +156,14 @@ def save_checkpoint(
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, temporary / f"rng-{accelerator.process_index}.pt")
+    write_atomically(temporary / f"rng-{accelerator.process_index}.pt", _torch_bytes(rng))
     if accelerator.is_main_process:
-        save_file(trainable_state(model), temporary / "adapter.safetensors")
+        write_atomically(temporary / "adapter.safetensors", safetensors_bytes(trainable_state(model)))
         if best_adapter is not None:
-            save_file(best_adapter, temporary / "best_adapter.safetensors")
-        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
-        torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
-        (temporary / "state.json").write_text(json.dumps(state, indent=1))
+            write_atomically(temporary / "best_adapter.safetensors", safetensors_bytes(best_adapter))
+        write_atomically(temporary / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+        write_atomically(temporary / "scheduler.pt", _torch_bytes(scheduler.state_dict()))
+        write_atomically(temporary / "state.json", json.dumps(state, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(folder / name, ignore_errors=True)

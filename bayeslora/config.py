@@ -24,6 +24,12 @@ def names_module(name: str, key: str) -> bool:
     return key == name or key.endswith("." + name)
 
 
+#: The published constants (the paper and its released code), for reproduction: at these the posterior
+#: barely moves the model and its draws do not disagree (docs/method.md, "Defaults"). The released
+#: LLaMA-2-7B setting also makes only q_proj and lm_head Bayesian (`bayesian_modules`).
+PAPER_CONSTANTS = {"prior_sd": 0.1, "lambda_init": 1e-3, "max_lambda": 0.03, "sd_init": 1e-3, "max_sd_u": 0.1}
+
+
 @dataclass
 class BayesLoraConfig(LoraConfig):
     """LoRA whose A and B factors on `bayesian_modules` are inducing-weight factors.
@@ -32,7 +38,7 @@ class BayesLoraConfig(LoraConfig):
     matrix per factor, prior_sd 0.1 (prior scale prior_sd / sqrt(d_in)), lambda
     initialised at 1e-3 and clamped at 0.03, q0 standard deviation initialised
     at 1e-3 and clamped at 0.1, a row-wise masked autoregressive flow of hidden
-    width 16 with two residual blocks followed by an element-wise affine layer.
+    width 16 with two residual blocks.
     """
 
     bayesian_modules: Optional[Union[list[str], str]] = field(
@@ -49,10 +55,6 @@ class BayesLoraConfig(LoraConfig):
     flow: bool = field(default=True, metadata={"help": "Push q0 through a row-wise masked autoregressive flow."})
     flow_hidden: int = field(default=16, metadata={"help": "Hidden width of the flow's conditioner."})
     flow_blocks: int = field(default=2, metadata={"help": "Residual blocks in the flow's conditioner."})
-    flow_output_affine: bool = field(
-        default=True,
-        metadata={"help": "Element-wise affine layer after the flow (18 parameters at 9 columns; reference count)."},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,9 +67,8 @@ class BayesLoraConfig(LoraConfig):
             value = getattr(self, name)
             if not _is_number(value) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        for name in ("flow", "flow_output_affine"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.flow, bool):
+            raise ValueError(f"flow must be true or false, got {self.flow!r}")
         if self.bayesian_modules is not None and not isinstance(self.bayesian_modules, (str, list, tuple, set)):
             raise ValueError(f"bayesian_modules must be a name pattern or a list of names, got {self.bayesian_modules!r}")
         if self.lambda_init > self.max_lambda:
@@ -83,6 +84,11 @@ class BayesLoraConfig(LoraConfig):
         from bayeslora.layer import BayesLoraLinear
 
         self._register_custom_module({nn.Linear: BayesLoraLinear})
+
+    @classmethod
+    def paper(cls, **settings) -> "BayesLoraConfig":
+        """A config with the published constants (`PAPER_CONSTANTS`); other settings as given."""
+        return cls(**{**PAPER_CONSTANTS, **settings})
 
     def is_bayesian_module(self, key: str) -> bool:
         """Whether the module at dotted path `key` (a LoRA target) gets Bayesian factors."""
@@ -105,5 +111,4 @@ class BayesLoraConfig(LoraConfig):
             "flow": self.flow,
             "flow_hidden": self.flow_hidden,
             "flow_blocks": self.flow_blocks,
-            "flow_output_affine": self.flow_output_affine,
         }

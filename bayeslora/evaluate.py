@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,8 +22,10 @@ from torch import nn
 
 import bayeslora
 from bayeslora.adapter import check_adapter, load_adapter
-from bayeslora.errors import UsageError
+from bayeslora.errors import UsageError, check_count
+from bayeslora.files import write_atomically
 from bayeslora.methods import Method, get_method
+from bayeslora.diagnostics import draw_disagreement
 from bayeslora.metrics import all_metrics
 from bayeslora.models import DEFAULT_MODEL, context_length, load_model, load_model_config, load_tokenizer
 from bayeslora.output_dir import check_writable, output_lock, remove_stale_temporaries
@@ -58,7 +59,7 @@ def evaluate(
 ) -> tuple[dict[str, Any], Predictions]:
     """Metrics of `model` on `questions` and the per-question predictions.
 
-    `n_samples` defaults to the method's own default (1 without a method);
+    `n_samples` None: the method's own default (1 without a method);
     `seconds` is the wall-clock time of scoring, model loading excluded. A question
     longer than the model's context is refused, or with `truncate_left` shortened
     from the left (`Scorer`).
@@ -66,8 +67,6 @@ def evaluate(
     config = getattr(model, "config", None)
     scorer = Scorer(tokenizer, scoring, normalization=normalization,
                     max_length=context_length(config) if config is not None else None, truncate_left=truncate_left)
-    if n_samples is None:
-        n_samples = method.default_samples if method is not None else 1
     start = time.perf_counter()
     predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size, progress=progress)
     seconds = time.perf_counter() - start
@@ -80,6 +79,7 @@ def evaluate(
         "seed": seed,
         "n_examples": len(questions),
         **all_metrics(predictions.probs, predictions.answers),
+        **draw_disagreement(predictions),
         "seconds": seconds,
         "units": {
             "accuracy_percent": "percent",
@@ -87,6 +87,8 @@ def evaluate(
             "mce_percent": "percent, 15 equal-width confidence bins",
             "nll": "nats per question",
             "brier": "sum over choices, per question",
+            "mutual_information": "nats per question (mean; _wrong / _right: over wrongly / rightly answered ones)",
+            "draw_spread": "standard deviation over draws of a choice's log-probability, mean over choices and questions",
             "seconds": "wall-clock seconds of scoring",
         },
     }
@@ -107,12 +109,6 @@ def prediction_records(questions: Sequence[Question], predictions: Predictions) 
         }
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
-
-
 def write_outputs(
     directory: str | Path, results: dict[str, Any], questions: Sequence[Question], predictions: Predictions
 ) -> None:
@@ -120,11 +116,11 @@ def write_outputs(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(record) + "\n" for record in prediction_records(questions, predictions))
-    _write_text_atomically(directory / "predictions.jsonl", lines)
+    write_atomically(directory / "predictions.jsonl", lines)
     source = f"{results['task']} / {results['split']}" if results.get("task") else Path(results.get("task_file") or "questions").name
     title = f"{source} ({results['scoring']} scoring, {results['n_samples']} draw(s))"
     save_reliability_diagram(predictions.probs, predictions.answers, directory / "reliability.png", title)
-    _write_text_atomically(directory / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(directory / "results.json", json.dumps(results, indent=2) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,8 +161,7 @@ def check_output(output: Path, overwrite: bool) -> None:
 def _check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading data or a model."""
     for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
+        check_count(flag, value)
     if args.task_file and args.split:
         raise UsageError("--split applies to --task only; a --task-file is used whole")
     check_output(Path(args.output), args.overwrite)
