@@ -22,6 +22,7 @@ sets) are evaluated on their test role into `<output>/eval/<task>/`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -47,7 +48,9 @@ from bayeslora.methods import Method, get_method
 from bayeslora.models import context_length, load_model, load_model_config, load_tokenizer
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import EVALUATION_ROLE, Question, load_task, load_task_file
-from bayeslora.train import TrainingDiverged, fit
+from bayeslora.output_dir import output_lock
+from bayeslora.saved_files import read_json_object
+from bayeslora.train import TrainingDiverged, check_batches, fit
 from bayeslora.train_settings import FILE_VALIDATION_SIZE, TrainSettings, add_arguments, settings_from_args
 
 __all__ = ["Experiment", "add_arguments", "load_questions", "run", "run_experiment", "split_validation"]
@@ -121,22 +124,32 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     Scorer(load_tokenizer(settings.model), settings.scoring, normalization=settings.normalization,
            max_length=context_length(load_model_config(settings.model)), truncate_left=settings.truncate_left,
            ).check(every)
-    model, tokenizer = load_model(settings.model)
-    scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization,
-                    max_length=context_length(model.config), truncate_left=settings.truncate_left)
     # without a GPU, accelerate runs several launched processes as one gloo group only when told cpu=True
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         raise UsageError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
                          f"{accelerator.num_processes}; check the accelerate launch settings")
-    if accelerator.is_main_process:
-        start_run_dir(output, identity, resume=resume, overwrite=overwrite)
-    accelerator.wait_for_everyone()
+    check_batches(settings, len(train), accelerator.num_processes)
+    # one writer at a time: a second run on this folder refuses instead of interleaving with this one
+    with output_lock(output) if accelerator.is_main_process else contextlib.nullcontext():
+        if accelerator.is_main_process:
+            check_output_dir(output, identity, resume=resume, overwrite=overwrite)  # again, now that it is ours
+            start_run_dir(output, identity, resume=resume, overwrite=overwrite)
+        accelerator.wait_for_everyone()
+        return _train_and_evaluate(settings, method, train, validation, evaluation, extras, output, accelerator, resume)
 
+
+def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Question], validation: list[Question],
+                        evaluation: list[Question], extras: dict[str, list[Question]], output: Path,
+                        accelerator: Accelerator, resume: bool) -> Experiment | None:
+    """`run_experiment` once its inputs are checked and its output directory is locked and recorded."""
+    model, tokenizer = load_model(settings.model)
+    scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization,
+                    max_length=context_length(model.config), truncate_left=settings.truncate_left)
     zero_shot = None
     if settings.zero_shot and evaluation and accelerator.is_main_process:
         if (output / "zero_shot" / "results.json").is_file():  # a resumed run evaluated the base model already
-            zero_shot = json.loads((output / "zero_shot" / "results.json").read_text())
+            zero_shot = read_json_object(output / "zero_shot" / "results.json")
         else:
             zero_shot = evaluate_into(output / "zero_shot", model, tokenizer, evaluation, None, settings, adapter=None)
     accelerator.wait_for_everyone()

@@ -42,18 +42,47 @@ from bayeslora.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from bayeslora.errors import UsageError
+from bayeslora.errors import CorruptFileError, UsageError
 from bayeslora.files import write_atomically
+from bayeslora.inducing import MEAN, InducingFactor, draw_weights
 from bayeslora.metrics import nll
 from bayeslora.predictive import predict
 from bayeslora.schedules import KLWeighting, lr_scheduler
 from bayeslora.train_settings import TrainSettings
 
-__all__ = ["FitResult", "TrainingDiverged", "fit", "task_loss"]
+__all__ = ["FitResult", "TrainingDiverged", "check_batches", "fit", "task_loss", "unusable_module"]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or a parameter became NaN or infinite, or a factor can no longer be drawn (its Cholesky
+    factorisation fails); the last good checkpoint is kept."""
+
+
+def unusable_module(model: nn.Module) -> str | None:
+    """The first module with a NaN or infinite trainable parameter, or a Bayesian factor whose posterior mean
+    cannot be drawn (a failed Cholesky factorisation, non-finite weights); None when every one is usable."""
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and not torch.isfinite(parameter).all():
+            return name.rsplit(".", 1)[0]
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, InducingFactor):
+                try:
+                    usable = torch.isfinite(draw_weights([module], MEAN)).all()
+                except torch.linalg.LinAlgError:
+                    usable = False
+                if not usable:
+                    return name
+    return None
+
+
+def _diverged(model: nn.Module, output: Path, step: int, what: str) -> TrainingDiverged:
+    """The one-line report of a numerical fault at optimizer `step`: what went wrong, where, what is kept."""
+    module = unusable_module(model)
+    last_good = latest_checkpoint(output)
+    kept = f"the last good checkpoint {last_good} is kept" if last_good else "no checkpoint had been written"
+    return TrainingDiverged(f"optimizer step {step}: {what}{f' (module {module})' if module else ''}; {kept}; "
+                            f"a smaller --lr or --max-grad-norm may help")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -113,6 +142,15 @@ class FitResult:
     validation_history: list[dict] = field(default_factory=list)
 
 
+def check_batches(settings: TrainSettings, n_train: int, processes: int) -> None:
+    """The global batch splits evenly over processes and accumulation steps, and fits in the training set."""
+    per_step = processes * settings.grad_accum
+    if settings.batch_size % per_step:
+        raise UsageError(f"batch_size {settings.batch_size} is not divisible by processes x grad_accum = {per_step}")
+    if n_train < settings.batch_size:
+        raise UsageError(f"batch_size {settings.batch_size} exceeds the {n_train} training questions")
+
+
 def fit(
     model: nn.Module,
     scorer,
@@ -152,12 +190,9 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
                 settings: TrainSettings, output: Path, accelerator: Accelerator, seed: int, resume: bool) -> FitResult:
     """`fit` for one member (the whole model for single-adapter methods), data order seeded with `seed`."""
     s = settings
+    check_batches(s, len(train_questions), accelerator.num_processes)
     per_step = accelerator.num_processes * s.grad_accum
-    if s.batch_size % per_step:
-        raise UsageError(f"batch_size {s.batch_size} is not divisible by processes x grad_accum = {per_step}")
     micro_batch = s.batch_size // per_step
-    if len(train_questions) < s.batch_size:
-        raise UsageError(f"batch_size {s.batch_size} exceeds the {len(train_questions)} training questions")
     steps_per_epoch = len(train_questions) // s.batch_size  # the last partial batch of an epoch is dropped
     total_steps = s.max_steps if s.max_steps is not None else s.epochs * steps_per_epoch
     bf16 = use_bf16(s.precision, accelerator.device)
@@ -182,6 +217,7 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
     log = _open_log(output / "train_log.jsonl", state["step"]) if accelerator.is_main_process else None
     bar = tqdm(total=total_steps, initial=state["step"], desc="train", disable=not accelerator.is_main_process)
     recent_nll: deque[float] = deque(maxlen=20)
+    last_checkpoint = time.monotonic()
 
     while state["step"] < total_steps and not state["stopped_early"]:
         step = state["step"]
@@ -196,33 +232,22 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
         model.train()
         weight = kl.weight(step)
         totals = torch.zeros(3, device=accelerator.device)  # loss, nll, regulariser (this process, step means)
-        for k, questions in enumerate(micro_batches):
-            batch = _to_device(scorer.collate(questions), accelerator.device)
-            last = k == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                # one posterior draw for all passes of this forward (a cloze prompt and its choices);
-                # a no-op for adapters without Bayesian factors
-                with bayeslora.sampling(unwrapped, "sample", hold=True), \
-                        torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = scorer.choice_logits(model, batch)
-                loss, nll = task_loss(logits.float(), batch["answers"], s.label_smoothing, s.entropy_bonus)
-                regulariser = method.regulariser(unwrapped, kl.divisor, position, steps_per_epoch)
-                if regulariser is not None:
-                    loss = loss + weight * regulariser
-                accelerator.backward(loss / len(micro_batches))
-            totals += torch.stack([loss.detach(), nll.detach(),
-                                   regulariser.detach() if regulariser is not None else torch.zeros((), device=totals.device)])
-        totals = accelerator.reduce(totals / len(micro_batches), reduction="mean")
+        try:
+            totals += _accumulate_gradients(model, unwrapped, scorer, method, micro_batches, kl, weight, position,
+                                            steps_per_epoch, s, bf16, accelerator)
+        except torch.linalg.LinAlgError:
+            raise _diverged(unwrapped, output, step + 1, "a Cholesky factorisation failed") from None
+        totals = accelerator.reduce(totals, reduction="mean")
         if not torch.isfinite(totals[0]):
-            last_good = latest_checkpoint(output)
-            raise TrainingDiverged(f"loss is {totals[0].item()} at optimizer step {step + 1}; "
-                                   f"last good checkpoint: {last_good if last_good else 'none'}")
+            raise _diverged(unwrapped, output, step + 1, f"the loss is {totals[0].item()}")
         if s.max_grad_norm:
             accelerator.clip_grad_norm_(parameters, s.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():
+            raise _diverged(unwrapped, output, step + 1, "a parameter is NaN or infinite after the update")
         state["step"] = step + 1
 
         record = step_record(unwrapped, step + 1, epoch + 1, totals, kl.divisor, weight, lr, time.perf_counter() - started)
@@ -244,8 +269,11 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
             else:
                 state["epochs_without_improvement"] += 1
                 state["stopped_early"] = s.early_stopping is not None and state["epochs_without_improvement"] >= s.early_stopping
-        if epoch_end or state["step"] % s.checkpoint_every == 0:
+        if epoch_end or state["step"] % s.checkpoint_every == 0 or _minutes_passed(last_checkpoint, s, accelerator):
+            if unusable_module(unwrapped) is not None:  # only good checkpoints are written
+                raise _diverged(unwrapped, output, state["step"], "the parameters can no longer be used")
             save_checkpoint(output, accelerator, unwrapped, optimizer, scheduler, state, best_adapter)
+            last_checkpoint = time.monotonic()
     bar.close()
     if log is not None:
         log.close()
@@ -253,6 +281,31 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
         load_trainable_state(unwrapped, best_adapter)
     return FitResult(state["step"], state["best_step"], state["best_validation_nll"], state["stopped_early"],
                      state["validation_history"])
+
+
+def _accumulate_gradients(model, unwrapped: nn.Module, scorer, method, micro_batches: list, kl: KLWeighting,
+                          weight: float, position: int, steps_per_epoch: int, s: TrainSettings, bf16: bool,
+                          accelerator: Accelerator) -> torch.Tensor:
+    """Forward and backward over this process's micro-batches of one optimizer step; returns the step's mean
+    loss, NLL and regulariser on this process."""
+    totals = torch.zeros(3, device=accelerator.device)
+    for k, questions in enumerate(micro_batches):
+        batch = _to_device(scorer.collate(questions), accelerator.device)
+        last = k == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            # one posterior draw for all passes of this forward (a cloze prompt and its choices);
+            # a no-op for adapters without Bayesian factors
+            with bayeslora.sampling(unwrapped, "sample", hold=True), \
+                    torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = scorer.choice_logits(model, batch)
+            loss, nll = task_loss(logits.float(), batch["answers"], s.label_smoothing, s.entropy_bonus)
+            regulariser = method.regulariser(unwrapped, kl.divisor, position, steps_per_epoch)
+            if regulariser is not None:
+                loss = loss + weight * regulariser
+            accelerator.backward(loss / len(micro_batches))
+        totals += torch.stack([loss.detach(), nll.detach(),
+                               regulariser.detach() if regulariser is not None else torch.zeros((), device=totals.device)])
+    return totals / len(micro_batches)
 
 
 def step_record(model: nn.Module, step: int, epoch: int, totals: torch.Tensor, kl_divisor: float, weight: float,
@@ -268,10 +321,28 @@ def step_record(model: nn.Module, step: int, epoch: int, totals: torch.Tensor, k
     return record
 
 
+def _minutes_passed(since: float, settings: TrainSettings, accelerator: Accelerator) -> bool:
+    """Whether `checkpoint_minutes` passed since the last checkpoint, agreed by every process (any one's clock)."""
+    if not settings.checkpoint_minutes:
+        return False
+    due = torch.tensor(float(time.monotonic() - since >= 60 * settings.checkpoint_minutes), device=accelerator.device)
+    return bool(accelerator.reduce(due, reduction="sum") > 0)
+
+
 def _open_log(path: Path, keep_through_step: int):
-    """The per-step log, opened for appending; on resume, lines after the checkpoint's step are dropped."""
+    """The per-step log, opened for appending; on resume, lines after the checkpoint's step are dropped, and so
+    is a last line cut short by a kill (any other unreadable line is a `CorruptFileError`)."""
     kept = []
     if keep_through_step and path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_through_step]
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    break
+                raise CorruptFileError(f"{path}: line {number} is not a JSON record") from None
+            if record["step"] <= keep_through_step:
+                kept.append(line)
     write_atomically(path, "".join(line + "\n" for line in kept))
     return path.open("a")

@@ -36,6 +36,8 @@ def _setting(default: Any, help: str, **argparse_options: Any) -> Any:
 
 #: questions held out of a --task-file for model selection unless validation_size says otherwise
 FILE_VALIDATION_SIZE = 200
+#: settings that do not change what a run computes: a resumed run may differ in them
+NOT_IDENTITY = ("output", "checkpoint_every", "checkpoint_minutes")
 
 
 @dataclass
@@ -89,6 +91,8 @@ class TrainSettings:
     zero_shot: bool = _setting(True, "also evaluate the base model before training", action=argparse.BooleanOptionalAction)
     seed: int = _setting(0, "seed of the adapter initialisation, data order and posterior draws", type=int)
     checkpoint_every: int = _setting(50, "checkpoint every K optimizer steps (and at each epoch end)", type=int)
+    checkpoint_minutes: float = _setting(2.0, "also checkpoint when this many minutes passed since the last "
+                                         "checkpoint (0 = off)", type=float)
     truncate_left: bool = _setting(False, "shorten questions longer than the model's context from the left "
                                    "(default: refuse them)", action="store_true")
 
@@ -96,10 +100,11 @@ class TrainSettings:
         """What defines the run: a directory holding a different one is not reused silently.
 
         Files and folders are named by their resolved paths (`runs/x`, `runs/x/` and `/abs/runs/x` are one
-        run); the output folder itself is left out: it is where the run is, not what it is.
+        run). Left out: the output folder (where the run is, not what it is) and how often it checkpoints.
         """
         identity = dataclasses.asdict(self)
-        del identity["output"]
+        for name in NOT_IDENTITY:
+            del identity[name]
         for name in ("task_file", "eval_file"):
             if identity[name] is not None:
                 identity[name] = os.path.realpath(identity[name])
@@ -224,7 +229,8 @@ def validate(settings: TrainSettings) -> None:
             raise UsageError(f"{name} must be > 0, got {value}")
     non_negative = {"beta": s.beta, "kl_warmup": s.kl_warmup, "warmup_steps": s.warmup_steps,
                     "max_grad_norm": s.max_grad_norm, "validation_size": s.validation_size or 0,
-                    "entropy_bonus": s.entropy_bonus, "lora_alpha": s.lora_alpha}
+                    "entropy_bonus": s.entropy_bonus, "lora_alpha": s.lora_alpha,
+                    "checkpoint_minutes": s.checkpoint_minutes}
     if s.validation_size is not None and s.task is not None:
         raise UsageError("validation_size holds questions out of a --task-file; a registry task selects on its "
                          "validation role (cap it with limit_validation)")
