@@ -23,13 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bayeslora.errors import UsageError
 from bayeslora.files import write_atomically
+from bayeslora.output_dir import check_not_in_use, holds_files, output_lock, remove_stale_temporaries
 from bayeslora.presets import PRESETS
+from bayeslora.saved_files import read_json_object
 from bayeslora.train_settings import TrainSettings, add_setting_flags, given_settings, make_settings, read_config, read_yaml_mapping
 
 #: the training settings compare takes as flags (every other one through --train-config)
@@ -165,6 +170,7 @@ def run_unit(grid: Grid, task: str, method: str, seed: int) -> None:
     from bayeslora.experiment import run_experiment
     from bayeslora.report import write_cost
 
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     directory = grid.unit_dir(task, method, seed)
     (directory / "error.txt").unlink(missing_ok=True)
     try:
@@ -178,6 +184,14 @@ def run_unit(grid: Grid, task: str, method: str, seed: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         write_atomically(directory / "error.txt", f"{type(error).__name__}: {error}\n")
         raise
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """End the unit's process as soon as compare's process is gone, however it ended (SIGKILL included), so
+    that no unit keeps writing unsupervised; its files are written atomically, its run resumes on a rerun."""
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -201,22 +215,30 @@ def check_output(grid: Grid) -> None:
         raise UsageError(f"--output {grid.output} exists and is not a directory")
     grid_file = grid.output / "grid.json"
     if grid_file.is_file():
-        previous = json.loads(grid_file.read_text())["identity"]
+        previous = read_json_object(grid_file).get("identity", {})
         current = json.loads(json.dumps(grid.identity()))
         for key in sorted(set(previous) | set(current)):
             if previous.get(key) != current.get(key):
                 raise UsageError(f"--output {grid.output} holds a comparison with {key} = {previous.get(key)!r}, "
                                  f"not {current.get(key)!r}; choose another directory")
-    elif grid.output.is_dir() and any(grid.output.iterdir()):
+    elif holds_files(grid.output):
         raise UsageError(f"--output {grid.output} is not empty and holds no comparison; choose another directory")
 
 
 def run(args: argparse.Namespace) -> int:
+    grid = resolve_grid(args)
+    check_not_in_use(grid.output)
+    check_output(grid)
+    with output_lock(grid.output):  # one compare per directory: a second one refuses instead of mixing units
+        check_output(grid)
+        remove_stale_temporaries(grid.output)
+        return _run_grid(grid)
+
+
+def _run_grid(grid: Grid) -> int:
+    """Every unit not finished yet, each in its own process, then the tables; `run` holds the directory's lock."""
     from bayeslora.report import write_tables
 
-    grid = resolve_grid(args)
-    check_output(grid)
-    grid.output.mkdir(parents=True, exist_ok=True)
     write_atomically(grid.output / "grid.json", json.dumps({"identity": grid.identity()}, indent=2) + "\n")
     units = [(task, method, seed) for task in grid.training_tasks() for method in grid.methods for seed in grid.seeds]
     # fork where the platform has it: the child starts without re-importing torch (seconds per unit);

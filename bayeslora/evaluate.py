@@ -28,7 +28,7 @@ from bayeslora.methods import Method, get_method
 from bayeslora.diagnostics import draw_disagreement
 from bayeslora.metrics import all_metrics
 from bayeslora.models import DEFAULT_MODEL, context_length, load_model, load_model_config, load_tokenizer
-from bayeslora.output_dir import check_writable, output_lock, remove_stale_temporaries
+from bayeslora.output_dir import check_not_in_use, check_writable, output_lock, remove_stale_temporaries
 from bayeslora.plots import save_reliability_diagram
 from bayeslora.predictive import Predictions, predict
 from bayeslora.scoring import MODES, NORMALIZATIONS, Scorer
@@ -164,6 +164,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         check_count(flag, value)
     if args.task_file and args.split:
         raise UsageError("--split applies to --task only; a --task-file is used whole")
+    check_not_in_use(Path(args.output))
     check_output(Path(args.output), args.overwrite)
 
 

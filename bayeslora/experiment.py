@@ -48,7 +48,7 @@ from bayeslora.methods import Method, get_method
 from bayeslora.models import context_length, load_model, load_model_config, load_tokenizer
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import EVALUATION_ROLE, Question, load_task, load_task_file
-from bayeslora.output_dir import output_lock
+from bayeslora.output_dir import check_not_in_use, output_lock
 from bayeslora.saved_files import read_json_object
 from bayeslora.train import TrainingDiverged, check_batches, fit
 from bayeslora.train_settings import FILE_VALIDATION_SIZE, TrainSettings, add_arguments, settings_from_args
@@ -113,6 +113,7 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     """
     output = Path(settings.output)
     identity = settings.run_identity()
+    check_not_in_use(output)
     check_output_dir(output, identity, resume=resume, overwrite=overwrite)
     train, validation, evaluation = load_questions(settings)
     extras = {task: load_task(task, EVALUATION_ROLE, source=settings.source, limit=settings.limit_eval)

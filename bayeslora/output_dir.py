@@ -1,6 +1,7 @@
 """Output folders: checked before any work starts, written by one process at a time, no stale temporaries.
 
     check_writable(output)                 # before loading anything: one line if nothing can be written there
+    check_not_in_use(output)               # ... or if another bayeslora process is writing there
     with output_lock(output):              # a second writer refuses in one line instead of interleaving
         remove_stale_temporaries(output)   # what an interrupted write left behind
         ...
@@ -23,6 +24,22 @@ from filelock import FileLock, Timeout
 from bayeslora.errors import OutputInUseError, UsageError
 
 LOCK_FILE = ".lock"
+
+
+def check_not_in_use(output: Path) -> None:
+    """No other bayeslora process holds the lock of `output` now (a quick look; `output_lock` is the real guard)."""
+    if (output / LOCK_FILE).is_file():
+        lock = FileLock(output / LOCK_FILE, timeout=0, fallback_to_soft=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise _in_use(output) from None
+        lock.release()
+
+
+def _in_use(output: Path) -> OutputInUseError:
+    return OutputInUseError(f"output {output} is in use by another bayeslora process; "
+                            f"wait for it to finish or choose another directory")
 
 
 def check_writable(output: Path) -> None:
@@ -60,8 +77,7 @@ def output_lock(output: Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise OutputInUseError(f"output {output} is in use by another bayeslora process; "
-                               f"wait for it to finish or choose another directory") from None
+        raise _in_use(output) from None
     try:
         yield
     finally:
