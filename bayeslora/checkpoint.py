@@ -73,7 +73,7 @@ def check_output_dir(output: Path, identity: dict[str, Any], *, resume: bool, ov
             key = differences[0]
             raise UsageError(f"cannot resume {output}: {key} was {previous.get(key)!r}, now {identity.get(key)!r}")
         for pointer in output.glob(f"**/{CHECKPOINTS}/latest"):  # an ensemble's are in its member folders
-            latest_checkpoint(pointer.parent.parent)  # a damaged pointer is reported now, before anything loads
+            check_checkpoint_files(latest_checkpoint(pointer.parent.parent))  # damage is reported before anything loads
     elif not overwrite:
         if previous != identity:
             raise UsageError(f"output {output} holds a different run; pass --overwrite to replace it")
@@ -192,10 +192,7 @@ def load_checkpoint(
     adapter = read_tensors(folder / "adapter.safetensors", expected)
     best_file = folder / "best_adapter.safetensors"
     best = read_tensors(best_file, expected) if best_file.is_file() else None
-    state = read_json_object(folder / "state.json")
-    missing = sorted(STATE_KEYS - set(state))
-    if missing or not isinstance(state["step"], int) or state["step"] < 0:
-        raise CorruptFileError(f"{folder / 'state.json'}: not a checkpoint state (missing {missing or 'a valid step'})")
+    state = _read_state(folder)
     restored = [(optimizer, folder / "optimizer.pt"), (scheduler, folder / "scheduler.pt")]
     states = [(target, path, read_torch_state(path)) for target, path in restored]
     rng_file = folder / f"rng-{accelerator.process_index}.pt"
@@ -217,6 +214,25 @@ def load_checkpoint(
         raise CorruptFileError(f"{rng_file}: not a usable random-number-generator state ({error})") from None
     return state, best
 
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    state = read_json_object(folder / "state.json")
+    missing = sorted(STATE_KEYS - set(state))
+    if missing or not isinstance(state["step"], int) or state["step"] < 0 or not isinstance(state["processes"], int):
+        raise CorruptFileError(f"{folder / 'state.json'}: not a checkpoint state (missing {missing or 'a valid step'})")
+    return state
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Every file of the checkpoint in `folder` reads back whole and finite; checked before any model is loaded
+    (shapes are compared with the model's when it is restored, `load_checkpoint`)."""
+    state = _read_state(folder)
+    read_tensors(folder / "adapter.safetensors")
+    if (folder / "best_adapter.safetensors").is_file():
+        read_tensors(folder / "best_adapter.safetensors")
+    for name in ("optimizer.pt", "scheduler.pt", *(f"rng-{index}.pt" for index in range(state["processes"]))):
+        read_torch_state(folder / name)
 
 
 def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, path: Path) -> None:

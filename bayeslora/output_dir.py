@@ -6,20 +6,21 @@
         remove_stale_temporaries(output)   # what an interrupted write left behind
         ...
 
-The lock is an advisory `flock` on `output/.lock` (the `filelock` package): the
-operating system releases it when its process ends, however it ends (SIGKILL
-included), so a killed run never leaves a folder locked.
+The lock is an advisory `flock` on `output/.lock` (POSIX; the standard library's
+`fcntl`): the operating system releases it when its process ends, however it
+ends (SIGKILL included), so a killed run never leaves a folder locked. (The
+`filelock` package wraps the same call, but its fork handlers made a lock held
+by `compare` misbehave in the unit processes it forks.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-
-from filelock import FileLock, Timeout
 
 from bayeslora.errors import OutputInUseError, UsageError
 
@@ -29,17 +30,24 @@ LOCK_FILE = ".lock"
 def check_not_in_use(output: Path) -> None:
     """No other bayeslora process holds the lock of `output` now (a quick look; `output_lock` is the real guard)."""
     if (output / LOCK_FILE).is_file():
-        lock = FileLock(output / LOCK_FILE, timeout=0, fallback_to_soft=False)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise _in_use(output) from None
-        lock.release()
+        with _locked(output):
+            pass
 
 
 def _in_use(output: Path) -> OutputInUseError:
     return OutputInUseError(f"output {output} is in use by another bayeslora process; "
                             f"wait for it to finish or choose another directory")
+
+
+@contextmanager
+def _locked(output: Path) -> Iterator[None]:
+    """An exclusive `flock` on the lock file, held inside the block; refused at once if another one holds it."""
+    with open(output / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(output) from None
+        yield  # the lock ends when the file is closed, or when the process ends, however it ends
 
 
 def check_writable(output: Path) -> None:
@@ -72,20 +80,14 @@ def output_lock(output: Path) -> Iterator[None]:
     """
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    path = output / LOCK_FILE
-    lock = FileLock(path, timeout=0, fallback_to_soft=False)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise _in_use(output) from None
-    try:
-        yield
-    finally:
-        if created and not holds_files(output):
-            path.unlink(missing_ok=True)
-            with suppress(OSError):  # something appeared meanwhile: keep the folder
-                output.rmdir()
-        lock.release()
+    with _locked(output):
+        try:
+            yield
+        finally:
+            if created and not holds_files(output):
+                (output / LOCK_FILE).unlink(missing_ok=True)
+                with suppress(OSError):  # something appeared meanwhile: keep the folder
+                    output.rmdir()
 
 
 def remove_stale_temporaries(output: Path) -> list[Path]:

@@ -52,28 +52,29 @@ def _first(names: set[str]) -> str:
     return repr(ordered[0]) + (f" and {len(ordered) - 1} more" if len(ordered) > 1 else "")
 
 
-def check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
-    """`tensors` (read from `path`) hold exactly the names of `expected`, with its shapes, floating point and finite.
+def check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor] | None) -> None:
+    """`tensors` (read from `path`) hold exactly the names of `expected`, with its shapes, floating point and finite
+    (without `expected`: floating point and finite).
 
     Only the shape of each expected tensor is compared, not its dtype: a float16 adapter loads into float32
     parameters as peft itself would load it.
     """
-    missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
-    if missing:
-        raise CorruptFileError(f"{path}: missing tensor {_first(missing)} (saved for another model or configuration?)")
-    if unexpected:
-        raise CorruptFileError(f"{path}: unexpected tensor {_first(unexpected)} (saved for another model or configuration?)")
-    for name, reference in expected.items():
-        tensor = tensors[name]
-        if tuple(tensor.shape) != tuple(reference.shape):
-            raise CorruptFileError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(reference.shape)}")
+    if expected is not None:
+        missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
+        if missing:
+            raise CorruptFileError(f"{path}: missing tensor {_first(missing)} (saved for another model or configuration?)")
+        if unexpected:
+            raise CorruptFileError(f"{path}: unexpected tensor {_first(unexpected)} (saved for another model or configuration?)")
+    for name, tensor in sorted(tensors.items()):
+        if expected is not None and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CorruptFileError(f"{path}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(expected[name].shape)}")
         if not tensor.is_floating_point():
             raise CorruptFileError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
         if not torch.isfinite(tensor).all():
             raise CorruptFileError(f"{path}: tensor {name!r} holds NaN or infinite values")
 
 
-def read_tensors(path: str | Path, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def read_tensors(path: str | Path, expected: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file `path`, checked against `expected` (`check_tensors`), on the CPU."""
     path = Path(path)
     _require_file(path)

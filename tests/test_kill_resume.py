@@ -108,6 +108,7 @@ def uninterrupted(tmp_path_factory):
 
 
 KILLS = {
+    "inside step 1, before any checkpoint": ({"kind": "step", "step": 1}, 1),
     "inside step 5": ({"kind": "step", "step": 5}, 5),
     "writing a checkpoint's optimizer.pt": ({"kind": "checkpoint", "file": "optimizer.pt", "folder": ".tmp-step-000004"}, 4),
     "replacing checkpoints/latest": ({"kind": "checkpoint", "file": "latest", "folder": "checkpoints"}, 2),

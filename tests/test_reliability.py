@@ -91,7 +91,7 @@ BAYESIAN_DAMAGE = {
     "targets not in the model": (_edit_config(target_modules=["nothing_proj"], bayesian_modules=["nothing_proj"]),
                                  "adapter_config.json: Target modules"),
     "r does not match the weights": (_edit_config(r=8), "has shape [9, 4], expected [9, 8]"),
-    "inducing size does not match": (_edit_config(inducing_rows=5), "has shape [9, 4], expected [5, 4]"),
+    "inducing size does not match": (_edit_config(inducing_rows=5), "lora_A.d_row_raw' has shape [9], expected [5]"),
     "other target modules": (_edit_config(target_modules=["k_proj", "v_proj"], bayesian_modules=["k_proj"]),
                              "adapter_model.safetensors: missing tensor"),
     "weights empty": (_write("adapter_model.safetensors", b""), "not a readable safetensors file"),
@@ -291,3 +291,109 @@ def test_a_second_writer_to_a_locked_folder_refuses(tmp_path, capsys):
             pass
     assert not (output / "results.json").exists()
     assert _evaluate(TEST, output) == 0  # released: the folder is usable again
+
+
+# ------------------------------------------------------------------------------------------- run folders
+
+RUN = ["train", "--model", MODEL, "--task", "smoke_arith", "--method", "bayeslora", "--scoring", "cloze",
+       "--max-steps", "2", "--batch-size", "4", "--limit-validation", "4", "--limit-eval", "4", "--precision", "fp32",
+       "--no-zero-shot", "--checkpoint-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("run") / "run"
+    assert main([*RUN, "--output", str(output)]) == 0
+    return output
+
+
+def _checkpoint_file(name: str):
+    def path(run: Path) -> Path:
+        return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip() / name
+    return path
+
+
+def _cut(locate):
+    def damage(run: Path) -> None:
+        path = locate(run)
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    return damage
+
+
+def _nan_checkpoint_adapter(run: Path) -> None:
+    path = _checkpoint_file("adapter.safetensors")(run)
+    save_file(_first_to_nan(load_file(path)), path)
+
+
+RUN_DAMAGE = {
+    "dangling latest pointer": (lambda run: (run / "checkpoints" / "latest").write_text("step-000099"),
+                                "checkpoints/latest: names no checkpoint of this run ('step-000099')"),
+    "checkpoint adapter cut short": (_cut(_checkpoint_file("adapter.safetensors")), "adapter.safetensors: not a readable safetensors file"),
+    "checkpoint adapter with NaN": (_nan_checkpoint_adapter, "holds NaN or infinite values"),
+    "optimizer state cut short": (_cut(_checkpoint_file("optimizer.pt")), "optimizer.pt: not a readable torch state"),
+    "checkpoint state not JSON": (lambda run: _checkpoint_file("state.json")(run).write_text("{"), "state.json: not valid JSON"),
+    "checkpoint state without a step": (lambda run: _checkpoint_file("state.json")(run).write_text("{}"), "state.json: not a checkpoint state"),
+    "random state missing": (lambda run: _checkpoint_file("rng-0.pt")(run).unlink(), "rng-0.pt: no such file"),
+    "run.json not JSON": (lambda run: (run / "run.json").write_text('{"model": '),
+                          "run.json: not valid JSON (Expecting value, line 1 column 11); pass --overwrite to start the run again"),
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_DAMAGE))
+def test_a_damaged_run_folder_is_one_line_exit_2_on_resume(finished_run, tmp_path, capsys, name):
+    damage, message = RUN_DAMAGE[name]
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    damage(run)
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != ".lock"}
+    assert main([*RUN, "--output", str(run), "--resume"]) == 2
+    assert message in _one_line_error(capsys)
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != ".lock"} == before
+
+
+def test_run_identity_uses_resolved_paths_and_a_run_without_checkpoint_restarts(finished_run, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("run", "run/", str(run), "./run//"):
+        assert main([*RUN, "--output", spelling, "--resume"]) == 0
+    capsys.readouterr()
+    # a kill before the first checkpoint leaves run.json alone: the message says how to go on, and --resume does
+    for path in list(run.iterdir()):
+        if path.name != "run.json":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert main([*RUN, "--output", "run"]) == 2
+    assert "holds the same run (no checkpoint yet); pass --resume to continue it" in _one_line_error(capsys)
+    assert main([*RUN, "--output", "run", "--resume"]) == 0
+    assert load_file(run / "adapter_model.safetensors").keys() == load_file(finished_run / "adapter_model.safetensors").keys()
+    expected, resumed = (load_file(folder / "adapter_model.safetensors") for folder in (finished_run, run))
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)
+
+
+def test_settings_are_checked_before_anything_is_written(tmp_path, capsys):
+    """A batch larger than the training set is refused before run.json exists, so the corrected run starts."""
+    output = tmp_path / "run"
+    assert main([*RUN, "--output", str(output), "--batch-size", "100"]) == 2
+    assert "batch_size 100 exceeds the 48 training questions" in _one_line_error(capsys)
+    assert not output.exists()
+    assert main([*RUN, "--output", str(output)]) == 0
+
+
+def test_stale_staging_files_are_removed_on_the_next_start(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / ".staging-x1").mkdir()
+    (run / ".results.json.abc").write_text("half")
+    (run / "checkpoints" / ".latest.x").write_text("step")
+    (run / "checkpoints" / ".tmp-step-000009").mkdir()
+    assert main([*RUN, "--output", str(run), "--resume"]) == 0
+    assert [path.name for path in run.rglob(".*")] == [".lock"]
+
+
+def test_a_half_written_log_line_is_dropped_on_resume(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    with (run / "train_log.jsonl").open("a") as log:
+        log.write('{"step": 3, "ep')
+    assert main([*RUN, "--output", str(run), "--resume"]) == 0
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
