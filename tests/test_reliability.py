@@ -397,3 +397,15 @@ def test_a_half_written_log_line_is_dropped_on_resume(finished_run, tmp_path):
         log.write('{"step": 3, "ep')
     assert main([*RUN, "--output", str(run), "--resume"]) == 0
     assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_diverging_run_stops_with_exit_1_naming_the_step_and_the_module(tmp_path, capsys):
+    """lr = 1e6 makes the first update unusable (its factors' Cholesky factorisation fails): the run stops there,
+    and no checkpoint of unusable parameters is written."""
+    output = tmp_path / "run"
+    assert main([*RUN, "--output", str(output), "--lr", "1e6"]) == 1
+    segments = [part for line in capsys.readouterr().err.split("\n") for part in line.split("\r")]
+    stops = [part for part in segments if part.startswith("bayeslora:")]
+    assert len(stops) == 1 and "training stopped: optimizer step 1: the parameters can no longer be used (module " \
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default); no checkpoint had been written" in stops[0]
+    assert not (output / "checkpoints" / "latest").exists() and not (output / "adapter_model.safetensors").exists()
