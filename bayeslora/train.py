@@ -219,64 +219,66 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
     recent_nll: deque[float] = deque(maxlen=20)
     last_checkpoint = time.monotonic()
 
-    while state["step"] < total_steps and not state["stopped_early"]:
-        step = state["step"]
-        epoch, position = divmod(step, steps_per_epoch)
-        order = epoch_order(len(train_questions), seed, epoch)
-        global_batch = [train_questions[i] for i in order[position * s.batch_size : (position + 1) * s.batch_size]]
-        # this process's micro-batches: slots process_index, process_index + processes, ... of the global batch
-        slots = range(accelerator.process_index, per_step, accelerator.num_processes)
-        micro_batches = [global_batch[k * micro_batch : (k + 1) * micro_batch] for k in slots]
+    try:
+        while state["step"] < total_steps and not state["stopped_early"]:
+            step = state["step"]
+            epoch, position = divmod(step, steps_per_epoch)
+            order = epoch_order(len(train_questions), seed, epoch)
+            global_batch = [train_questions[i] for i in order[position * s.batch_size : (position + 1) * s.batch_size]]
+            # this process's micro-batches: slots process_index, process_index + processes, ... of the global batch
+            slots = range(accelerator.process_index, per_step, accelerator.num_processes)
+            micro_batches = [global_batch[k * micro_batch : (k + 1) * micro_batch] for k in slots]
 
-        started = time.perf_counter()
-        model.train()
-        weight = kl.weight(step)
-        totals = torch.zeros(3, device=accelerator.device)  # loss, nll, regulariser (this process, step means)
-        try:
-            totals += _accumulate_gradients(model, unwrapped, scorer, method, micro_batches, kl, weight, position,
-                                            steps_per_epoch, s, bf16, accelerator)
-        except torch.linalg.LinAlgError:
-            raise _diverged(unwrapped, output, step + 1, "a Cholesky factorisation failed") from None
-        totals = accelerator.reduce(totals, reduction="mean")
-        if not torch.isfinite(totals[0]):
-            raise _diverged(unwrapped, output, step + 1, f"the loss is {totals[0].item()}")
-        if s.max_grad_norm:
-            accelerator.clip_grad_norm_(parameters, s.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():
-            raise _diverged(unwrapped, output, step + 1, "a parameter is NaN or infinite after the update")
-        state["step"] = step + 1
+            started = time.perf_counter()
+            model.train()
+            weight = kl.weight(step)
+            totals = torch.zeros(3, device=accelerator.device)  # loss, nll, regulariser (this process, step means)
+            try:
+                totals += _accumulate_gradients(model, unwrapped, scorer, method, micro_batches, kl, weight, position,
+                                                steps_per_epoch, s, bf16, accelerator)
+            except torch.linalg.LinAlgError:
+                raise _diverged(unwrapped, output, step + 1, "a Cholesky factorisation failed") from None
+            totals = accelerator.reduce(totals, reduction="mean")
+            if not torch.isfinite(totals[0]):
+                raise _diverged(unwrapped, output, step + 1, f"the loss is {totals[0].item()}")
+            if s.max_grad_norm:
+                accelerator.clip_grad_norm_(parameters, s.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():
+                raise _diverged(unwrapped, output, step + 1, "a parameter is NaN or infinite after the update")
+            state["step"] = step + 1
 
-        record = step_record(unwrapped, step + 1, epoch + 1, totals, kl.divisor, weight, lr, time.perf_counter() - started)
-        recent_nll.append(record["nll"])
+            record = step_record(unwrapped, step + 1, epoch + 1, totals, kl.divisor, weight, lr, time.perf_counter() - started)
+            recent_nll.append(record["nll"])
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.update(1)
+            bar.set_postfix(nll=f"{sum(recent_nll) / len(recent_nll):.3f}", kl=f"{record['kl']:.3g}", lr=f"{lr:.2g}")
+
+            epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
+            if epoch_end and validation_questions:
+                value = validation_nll(unwrapped, scorer, method, validation_questions, s.samples, s.seed,
+                                       s.eval_batch_size)
+                state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, "validation_nll": value})
+                if state["best_validation_nll"] is None or value < state["best_validation_nll"]:
+                    state.update(best_step=state["step"], best_validation_nll=value, epochs_without_improvement=0)
+                    best_adapter = trainable_state(unwrapped)
+                else:
+                    state["epochs_without_improvement"] += 1
+                    state["stopped_early"] = s.early_stopping is not None and state["epochs_without_improvement"] >= s.early_stopping
+            if epoch_end or state["step"] % s.checkpoint_every == 0 or _minutes_passed(last_checkpoint, s, accelerator):
+                if unusable_module(unwrapped) is not None:  # only good checkpoints are written
+                    raise _diverged(unwrapped, output, state["step"], "the parameters can no longer be used")
+                save_checkpoint(output, accelerator, unwrapped, optimizer, scheduler, state, best_adapter)
+                last_checkpoint = time.monotonic()
+    finally:  # a fault ends the progress bar's line first, so the one-line report stands on its own
+        bar.close()
         if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        bar.update(1)
-        bar.set_postfix(nll=f"{sum(recent_nll) / len(recent_nll):.3f}", kl=f"{record['kl']:.3g}", lr=f"{lr:.2g}")
-
-        epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
-        if epoch_end and validation_questions:
-            value = validation_nll(unwrapped, scorer, method, validation_questions, s.samples, s.seed,
-                                   s.eval_batch_size)
-            state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, "validation_nll": value})
-            if state["best_validation_nll"] is None or value < state["best_validation_nll"]:
-                state.update(best_step=state["step"], best_validation_nll=value, epochs_without_improvement=0)
-                best_adapter = trainable_state(unwrapped)
-            else:
-                state["epochs_without_improvement"] += 1
-                state["stopped_early"] = s.early_stopping is not None and state["epochs_without_improvement"] >= s.early_stopping
-        if epoch_end or state["step"] % s.checkpoint_every == 0 or _minutes_passed(last_checkpoint, s, accelerator):
-            if unusable_module(unwrapped) is not None:  # only good checkpoints are written
-                raise _diverged(unwrapped, output, state["step"], "the parameters can no longer be used")
-            save_checkpoint(output, accelerator, unwrapped, optimizer, scheduler, state, best_adapter)
-            last_checkpoint = time.monotonic()
-    bar.close()
-    if log is not None:
-        log.close()
+            log.close()
     if best_adapter is not None:
         load_trainable_state(unwrapped, best_adapter)
     return FitResult(state["step"], state["best_step"], state["best_validation_nll"], state["stopped_early"],
