@@ -16,6 +16,7 @@ from bayeslora.adapter import (
 )
 from bayeslora.config import BayesLoraConfig
 from bayeslora.inducing import InducingFactor
+from bayeslora.runs import LoadedRun, load_run  # last: it imports the methods, which import this package
 
 # peft takes any 1-D tensor under lora_A / lora_B for an ungathered ZeRO-3 shard and warns at save time;
 # an inducing factor legitimately holds 1-D parameters (D_r, D_c, lambda, the flow's biases).
@@ -28,12 +29,14 @@ warnings.filterwarnings(
 __all__ = [
     "BayesLoraConfig",
     "InducingFactor",
+    "LoadedRun",
     "bayesian_factors",
     "export_mean_lora",
     "get_bayeslora_model",
     "is_bayesian",
     "kl_divergence",
     "load_bayeslora_model",
+    "load_run",
     "mean_lambda",
     "sampling",
 ]

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from peft import prepare_model_for_kbit_training
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -59,6 +60,7 @@ from bayeslora.methods import get_method
 from bayeslora.metrics import nll
 from bayeslora.models import load_model
 from bayeslora.predictive import predict
+from bayeslora.runs import save_method_state
 from bayeslora.scoring import Scorer
 from bayeslora.schedules import KLWeighting, lr_scheduler
 from bayeslora.tasks import EVALUATION_ROLE, load_task, load_task_file
@@ -345,7 +347,9 @@ def run(args: argparse.Namespace) -> int:
     train_split, evaluation = load_questions(settings)
     train, validation = split_validation(train_split, settings.validation_size, settings.validation_seed, settings.limit_train)
     method = get_method(settings.method, **settings.method_options)
-    model, tokenizer = load_model(settings.model)
+    model, tokenizer = load_model(settings.model, settings.dtype, settings.quantization)
+    if settings.quantization:  # peft's recipe for training on a quantised base: norms in fp32, input gradients on
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization)
     # fail before writing anything if this tokenizer cannot score the task (e.g. letter labels that are not tokens)
     scorer.collate([max([*train, *evaluation], key=lambda question: len(question.choices))])
@@ -380,6 +384,11 @@ def run(args: argparse.Namespace) -> int:
     if not accelerator.is_main_process:
         return 0
     save_adapter(model, output)
+    save_method_state(output, method, options=settings.method_options, lora=lora, model=settings.model,
+                      loading={"dtype": settings.dtype, "quantization": settings.quantization},
+                      evaluation={"scoring": settings.scoring, "normalization": settings.normalization,
+                                  "samples": settings.samples, "seed": settings.seed,
+                                  "batch_size": settings.eval_batch_size})
     summary = {"n_train": len(train), "n_validation": len(validation), "members": [dataclasses.asdict(r) for r in results]}
     write_atomically(output / "training.json", json.dumps(summary, indent=1).encode())
     if evaluation:

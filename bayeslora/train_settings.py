@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from bayeslora.errors import UsageError
-from bayeslora.models import DEFAULT_MODEL
+from bayeslora.models import DEFAULT_MODEL, DTYPES, check_loading
 from bayeslora.schedules import KL_WEIGHTINGS, LR_SCHEDULES
 
 
@@ -41,6 +41,11 @@ class TrainSettings:
     scoring: str = _setting("letter", "how choices are scored", choices=["letter", "cloze"])
     normalization: str = _setting("mean", "cloze: mean or sum of the answer's token log-probabilities", choices=["mean", "sum"])
     output: str = _setting(None, "run directory: adapter, checkpoints, logs, results")
+    # base model weights (adapters stay fp32)
+    dtype: str = _setting("fp32", "dtype of the base model's weights", choices=list(DTYPES))
+    load_in_4bit: bool = _setting(False, "load the base model 4-bit (bitsandbytes NF4; --dtype is the compute dtype)",
+                                  action="store_true")
+    load_in_8bit: bool = _setting(False, "load the base model 8-bit (bitsandbytes)", action="store_true")
     # adapter
     r: int = _setting(8, "LoRA rank", type=int)
     lora_alpha: float = _setting(16.0, "LoRA alpha (scaling alpha / r)", type=float)
@@ -76,6 +81,11 @@ class TrainSettings:
     zero_shot: bool = _setting(True, "also evaluate the base model before training", action=argparse.BooleanOptionalAction)
     seed: int = _setting(0, "seed of the adapter initialisation, data order and posterior draws", type=int)
     checkpoint_every: int = _setting(50, "checkpoint every K optimizer steps (and at each epoch end)", type=int)
+
+    @property
+    def quantization(self) -> str | None:
+        """"4bit", "8bit" or None, as `models.load_model` takes it."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
 
     def run_identity(self) -> dict[str, Any]:
         """What defines the run: a directory holding a different one is not reused silently."""
@@ -160,6 +170,12 @@ def validate(settings: TrainSettings) -> None:
         raise UsageError("--output is required")
     if (s.task is None) == (s.task_file is None):
         raise UsageError("give exactly one of --task and --task-file")
+    for name in ("load_in_4bit", "load_in_8bit"):
+        if not isinstance(getattr(s, name), bool):
+            raise UsageError(f"{name} must be true or false, got {getattr(s, name)!r}")
+    if s.load_in_4bit and s.load_in_8bit:
+        raise UsageError("--load-in-4bit and --load-in-8bit exclude each other")
+    check_loading(s.dtype, s.quantization)
     if s.eval_file is not None and s.task_file is None:
         raise UsageError("--eval-file goes with --task-file (a registry task has its own evaluation split)")
     for path in (s.task_file, s.eval_file):
