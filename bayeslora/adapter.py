@@ -25,7 +25,7 @@ from bayeslora.adapter_source import read_adapter_config
 from bayeslora.config import BayesLoraConfig, names_module
 from bayeslora.errors import UsageError
 from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
-from bayeslora.layer import BayesLoraLinear
+from bayeslora.layer import BayesianFactors
 
 
 def get_bayeslora_model(model: nn.Module, config: BayesLoraConfig, adapter_name: str = "default") -> PeftModel:
@@ -76,7 +76,7 @@ def _check_bayesian_targets(peft_model: PeftModel, config: BayesLoraConfig, adap
     }
     for key, module in lora_targets.items():
         if config.is_bayesian_module(key) and not (
-            isinstance(module, BayesLoraLinear) and module.is_bayesian_adapter(adapter_name)
+            isinstance(module, BayesianFactors) and module.is_bayesian_adapter(adapter_name)
         ):
             layer_type = type(module.get_base_layer()).__name__
             raise ValueError(f"module {key!r} is a {layer_type}, which cannot carry Bayesian factors (nn.Linear only)")

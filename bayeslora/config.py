@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft import LoraConfig
-from torch import nn
 
 
 def names_module(name: str, key: str) -> bool:
@@ -59,11 +58,11 @@ class BayesLoraConfig(LoraConfig):
                 outside = sorted(set(self.bayesian_modules) - set(self.target_modules))
                 if outside:
                     raise ValueError(f"bayesian_modules {outside} are not in target_modules {sorted(self.target_modules)}")
-        # peft's extension point for custom LoRA layers: every nn.Linear target gets our layer class,
-        # which keeps plain LoRA factors on non-Bayesian targets.
-        from bayeslora.layer import BayesLoraLinear
+        # peft's extension point for custom LoRA layers: every nn.Linear target (bitsandbytes' quantised ones
+        # included) gets our layer class, which keeps plain LoRA factors on non-Bayesian targets.
+        from bayeslora.layer import custom_layers
 
-        self._register_custom_module({nn.Linear: BayesLoraLinear})
+        self._register_custom_module(custom_layers())
 
     def is_bayesian_module(self, key: str) -> bool:
         """Whether the module at dotted path `key` (a LoRA target) gets Bayesian factors."""

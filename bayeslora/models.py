@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from peft import prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from bayeslora.errors import UsageError
@@ -166,7 +167,8 @@ def load_model(
     """(model in eval mode, tokenizer) for a Hub id, a local folder, or `"smollm2-135m"`.
 
     `dtype`: the weights' dtype, "fp32" / "bf16" / "fp16" (or a torch dtype); `quantization`: None, "4bit"
-    or "8bit" (bitsandbytes; then `dtype` is the compute dtype and the model is placed with a device map).
+    or "8bit" (bitsandbytes; then `dtype` is the compute dtype, the model is placed with a device map and
+    prepared for adapters with `peft.prepare_model_for_kbit_training`).
     Adapters added later keep fp32 parameters whatever the base model's dtype.
     """
     check_loading(dtype, quantization)
@@ -177,6 +179,10 @@ def load_model(
         options.update(quantization_config=quantized, device_map=_device_map())
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     model = _load(AutoModelForCausalLM, name_or_path, **options)
+    if quantized is not None:
+        # peft's recipe for adapters on a quantised base: the weights left unquantised (norms, embeddings) in
+        # fp32, the base frozen; done on every load, so a restored run computes exactly as it trained
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

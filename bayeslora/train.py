@@ -37,7 +37,6 @@ from typing import Any, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from peft import prepare_model_for_kbit_training
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -348,8 +347,6 @@ def run(args: argparse.Namespace) -> int:
     train, validation = split_validation(train_split, settings.validation_size, settings.validation_seed, settings.limit_train)
     method = get_method(settings.method, **settings.method_options)
     model, tokenizer = load_model(settings.model, settings.dtype, settings.quantization)
-    if settings.quantization:  # peft's recipe for training on a quantised base: norms in fp32, input gradients on
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization)
     # fail before writing anything if this tokenizer cannot score the task (e.g. letter labels that are not tokens)
     scorer.collate([max([*train, *evaluation], key=lambda question: len(question.choices))])

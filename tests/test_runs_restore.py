@@ -25,10 +25,11 @@ METHOD_OPTIONS = {"laplace": {"prior_grid": [1.0, 100.0], "tune_samples": 2},
                   "tfb": {"search_steps": 3, "search_samples": 2}}
 
 
-def train_run(output, method, *extra):
+def train_run(output, method, *extra, model=FIXTURE / "model"):
+    """`bayeslora train` for two steps on the smoke fixture; the run's results.json."""
     config = output.parent / f"{method}-options.yaml"
     config.write_text(json.dumps({"method_options": METHOD_OPTIONS.get(method, {})}))
-    argv = ["train", "--model", str(FIXTURE / "model"), "--task-file", str(TRAIN), "--eval-file", str(TEST),
+    argv = ["train", "--model", str(model), "--task-file", str(TRAIN), "--eval-file", str(TEST),
             "--method", method, "--config", str(config), "--max-steps", "2", "--batch-size", "4", "--r", "4",
             "--validation-size", "8", "--lr", "1e-2", "--precision", "fp32", "--no-zero-shot", "--samples", "2",
             "--eval-batch-size", "8", "--scoring", "cloze", "--output", str(output), *extra]
