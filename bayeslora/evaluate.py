@@ -25,6 +25,7 @@ from transformers.utils import logging as transformers_logging
 import bayeslora
 from bayeslora.adapter_source import read_adapter_config
 from bayeslora.errors import UsageError
+from bayeslora.diagnostics import draw_disagreement
 from bayeslora.methods import METHODS, Method, get_method
 from bayeslora.metrics import all_metrics
 from bayeslora.models import DEFAULT_MODEL, add_loading_arguments, load_model, load_tokenizer, loading_from_args
@@ -103,6 +104,7 @@ def evaluate(
         "seed": seed,
         "n_examples": len(questions),
         **all_metrics(predictions.probs, predictions.answers),
+        **draw_disagreement(predictions),
         "seconds": seconds,
         "units": {
             "accuracy_percent": "percent",
@@ -110,6 +112,8 @@ def evaluate(
             "mce_percent": "percent, 15 equal-width confidence bins",
             "nll": "nats per question",
             "brier": "sum over choices, per question",
+            "mutual_information": "nats per question (mean; _wrong / _right: over wrongly / rightly answered ones)",
+            "draw_spread": "standard deviation over draws of a choice's log-probability, mean over choices and questions",
             "seconds": "wall-clock seconds of scoring",
         },
     }

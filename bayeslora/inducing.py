@@ -258,17 +258,27 @@ def draw_weights(
         return template.prior_scale * (a_row.mT @ (v - lam * v_bar) @ a_col + lam * e1)
 
 
-def kl_terms(factors: Sequence[InducingFactor]) -> torch.Tensor:
-    """KL(q || p) of each of G factors of one signature, shape (G,)."""
+def kl_parts(factors: Sequence[InducingFactor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inducing KL, conditional KL) of each of G factors of one signature, each of shape (G,).
+
+    The inducing part is KL(q(V) || N(0, I)) (closed form plus the flow's one-sample correction);
+    the conditional part is (d_out d_in / 2)(lambda^2 - 1 - 2 log lambda), which does not depend on U.
+    """
     template = factors[0]
     with _fp32_region(template.u_mean):
         p = _stacked(factors)
         mean = p["u_mean"]
         sd = F.softplus(p["u_sd_raw"]).clamp(max=template.max_sd_u)
-        kl = gaussian_kl_to_standard(mean, sd)
+        inducing = gaussian_kl_to_standard(mean, sd)
         if template.flow is not None:
             v0 = mean + sd * torch.randn_like(mean)
             v, log_det = template.flow.apply_stacked(_flow_parameters(p), v0)
-            kl = kl + 0.5 * (v.square().sum(dim=(-2, -1)) - v0.square().sum(dim=(-2, -1))) - log_det
+            inducing = inducing + 0.5 * (v.square().sum(dim=(-2, -1)) - v0.square().sum(dim=(-2, -1))) - log_det
         lam = F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda)
-        return kl + conditional_kl(template.out_features * template.in_features, lam)
+        return inducing, conditional_kl(template.out_features * template.in_features, lam)
+
+
+def kl_terms(factors: Sequence[InducingFactor]) -> torch.Tensor:
+    """KL(q || p) of each of G factors of one signature, shape (G,)."""
+    inducing, conditional = kl_parts(factors)
+    return inducing + conditional
