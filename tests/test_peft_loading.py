@@ -94,3 +94,37 @@ def test_a_plain_lora_adapter_is_refused_by_load_bayeslora_model(tmp_path):
     plain.save_pretrained(tmp_path)
     with pytest.raises(UsageError, match="not a Bayesian-LoRA adapter"):
         bayeslora.load_bayeslora_model(make_tiny_llama(), tmp_path)
+
+
+def _evaluate_fails(capsys, tmp_path, adapter, *extra) -> str:
+    from bayeslora.cli import main
+
+    output = tmp_path / "out"
+    argv = ["evaluate", "--model", str(FIXTURE_MODEL), "--adapter", adapter, "--task-file",
+            str(FIXTURE / "arith_test.jsonl"), "--scoring", "cloze", "--output", str(output), "--no-progress", *extra]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bayeslora: error:")]
+    assert len(errors) == 1 and not output.exists()
+    return errors[0]
+
+
+def test_evaluate_with_a_hub_id_that_does_not_exist_exits_2(tmp_path, monkeypatch, capsys):
+    model = _bayesian()
+    model.save_pretrained(tmp_path / "saved")
+    _hub_cache(tmp_path, monkeypatch, tmp_path / "saved")
+    assert "'nobody/no-such-adapter' is not a local folder" in _evaluate_fails(capsys, tmp_path, "nobody/no-such-adapter")
+
+
+def test_evaluate_refuses_an_adapter_of_another_peft_type_for_a_method(tmp_path, capsys):
+    from peft import IA3Config
+
+    base = AutoModelForCausalLM.from_pretrained(FIXTURE_MODEL)
+    get_peft_model(base, IA3Config(target_modules=["q_proj", "v_proj"], feedforward_modules=[])).save_pretrained(tmp_path / "ia3")
+    message = _evaluate_fails(capsys, tmp_path, str(tmp_path / "ia3"), "--method", "mle")
+    assert "is a IA3 adapter; --method applies to LoRA adapters" in message
+
+
+def test_evaluate_refuses_a_bayesian_adapter_for_another_method(tmp_path, capsys):
+    _bayesian(AutoModelForCausalLM.from_pretrained(FIXTURE_MODEL)).save_pretrained(tmp_path / "bayes")
+    message = _evaluate_fails(capsys, tmp_path, str(tmp_path / "bayes"), "--method", "mcdropout")
+    assert "is a Bayesian-LoRA adapter, not one for --method mcdropout" in message
