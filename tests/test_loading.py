@@ -67,29 +67,30 @@ def test_bf16_weights_train_fp32_factors_and_the_run_restores(tmp_path, capsys):
     assert {k: again[k] for k in METRICS} == {k: reference[k] for k in METRICS}
 
 
-# bitsandbytes runs 4-bit layers on CUDA, and (recent versions) on the CPU for inputs of at least its
-# block size (64): the model here has hidden size 64. Without bitsandbytes the test is skipped.
+# bitsandbytes runs its layers on CUDA, and (recent versions) on the CPU, 4-bit ones for inputs of at least
+# its block size (64): the model here has hidden size 64. Without bitsandbytes the test is skipped.
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (bayeslora[quantization])")
-def test_4bit_base_trains_fp32_bayesian_factors_in_peft_bnb_layers_and_restores(tmp_path):
+@pytest.mark.parametrize(("flag", "layer_name"), [("--load-in-4bit", "Linear4bit"), ("--load-in-8bit", "Linear8bitLt")])
+def test_quantised_base_trains_fp32_bayesian_factors_in_peft_bnb_layers_and_restores(tmp_path, flag, layer_name):
     import bitsandbytes as bnb
-    from peft.tuners.lora.bnb import Linear4bit
+    from peft.tuners.lora import bnb as peft_bnb
 
     model_dir = tmp_path / "model64"
     make_tiny_llama(vocab_size=113, hidden_size=64).save_pretrained(model_dir)  # the fixture tokenizer's vocabulary
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (model_dir / name).write_bytes((FIXTURE / "model" / name).read_bytes())
-    run = tmp_path / "4bit"
-    reference = train_run(run, "bayeslora", "--dtype", "bf16", "--load-in-4bit", model=model_dir)
+    run = tmp_path / "quantised"
+    reference = train_run(run, "bayeslora", "--dtype", "bf16", flag, model=model_dir)
     restored = bayeslora.load_run(run)
     layer = next(m for m in restored.model.modules() if isinstance(m, BayesianFactors) and m.is_bayesian_adapter("default"))
-    assert isinstance(layer, Linear4bit) and isinstance(layer.get_base_layer(), bnb.nn.Linear4bit)
+    assert isinstance(layer, getattr(peft_bnb, layer_name)) and isinstance(layer.get_base_layer(), getattr(bnb.nn, layer_name))
     assert {p.dtype for p in layer.lora_A["default"].parameters()} == {torch.float32}
     assert main(["evaluate", "--adapter", str(run), "--task-file", str(TEST), "--output", str(tmp_path / "again"),
                  "--no-progress"]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or flag == "--load-in-8bit":
         assert {k: again[k] for k in METRICS} == {k: reference[k] for k in METRICS}
     else:
-        # bitsandbytes' CPU path repacks 4-bit weights on its first inference call and unpacks them whenever
+        # bitsandbytes' CPU 4-bit path repacks the weights on its first inference call and unpacks them whenever
         # a state_dict is taken (train's adapter save does); the round trip moves logits by ~1e-3 (measured)
         assert {k: again[k] for k in METRICS} == pytest.approx({k: reference[k] for k in METRICS}, rel=1e-3)
