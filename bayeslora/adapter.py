@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from bayeslora.adapter_source import read_adapter_config
 from bayeslora.config import BayesLoraConfig, names_module
 from bayeslora.errors import UsageError
+from bayeslora.files import write_files_atomically
 from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
 from bayeslora.layer import BayesianFactors
 
@@ -176,10 +176,9 @@ def export_mean_lora(model: PeftModel, directory: str | os.PathLike, adapter_nam
                 factor = getattr(module, part)[adapter_name]
                 weight = factor.mean_weight() if isinstance(factor, InducingFactor) else factor.weight
                 state[f"{name}.{part}.weight"] = weight.detach().float().cpu().contiguous()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
+
+    def save(staging: Path) -> None:
         plain.save_pretrained(staging)
-        save_file(state, Path(staging) / "adapter_model.safetensors")
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            os.replace(Path(staging) / name, directory / name)
+        save_file(state, staging / "adapter_model.safetensors")
+
+    write_files_atomically(directory, save)

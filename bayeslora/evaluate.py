@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,16 +23,18 @@ from transformers.utils import logging as transformers_logging
 
 import bayeslora
 from bayeslora.adapter_source import read_adapter_config
-from bayeslora.errors import UsageError
 from bayeslora.diagnostics import draw_disagreement
-from bayeslora.methods import METHODS, Method, get_method
+from bayeslora.errors import UsageError, check_count
+from bayeslora.files import write_atomically
+from bayeslora.methods import METHODS, Method, check_method_name, get_method
 from bayeslora.metrics import all_metrics
-from bayeslora.models import DEFAULT_MODEL, add_loading_arguments, load_model, load_tokenizer, loading_from_args
+from bayeslora.models import DEFAULT_MODEL, load_model, load_tokenizer
 from bayeslora.plots import save_reliability_diagram
 from bayeslora.predictive import Predictions, predict
 from bayeslora.runs import is_run_folder, load_run, read_record
 from bayeslora.scoring import MODES, NORMALIZATIONS, Scorer
 from bayeslora.tasks import EVALUATION_ROLE, ROLES, TASKS, Question, load_task, load_task_file
+from bayeslora.train_settings import LOADING_SETTINGS, add_setting_flags, loading_from_args
 
 PROTOCOL_VERSION = "bayeslora-eval-v1"
 
@@ -86,12 +87,10 @@ def evaluate(
 ) -> tuple[dict[str, Any], Predictions]:
     """Metrics of `model` on `questions` and the per-question predictions.
 
-    `n_samples` defaults to the method's own default (1 without a method);
+    `n_samples` None: the method's own default (1 without a method);
     `seconds` is the wall-clock time of scoring, model loading excluded.
     """
     scorer = Scorer(tokenizer, scoring, normalization=normalization)
-    if n_samples is None:
-        n_samples = method.default_samples if method is not None else 1
     start = time.perf_counter()
     predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size, progress=progress)
     seconds = time.perf_counter() - start
@@ -134,12 +133,6 @@ def prediction_records(questions: Sequence[Question], predictions: Predictions) 
         }
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
-
-
 def write_outputs(
     directory: str | Path, results: dict[str, Any], questions: Sequence[Question], predictions: Predictions
 ) -> None:
@@ -147,11 +140,11 @@ def write_outputs(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(record) + "\n" for record in prediction_records(questions, predictions))
-    _write_text_atomically(directory / "predictions.jsonl", lines)
+    write_atomically(directory / "predictions.jsonl", lines)
     source = f"{results['task']} / {results['split']}" if results.get("task") else Path(results.get("task_file") or "questions").name
     title = f"{source} ({results['scoring']} scoring, {results['n_samples']} draw(s))"
     save_reliability_diagram(predictions.probs, predictions.answers, directory / "reliability.png", title)
-    _write_text_atomically(directory / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(directory / "results.json", json.dumps(results, indent=2) + "\n")
 
 
 #: scoring settings of a plain evaluation; a run folder's own evaluation settings replace them
@@ -177,7 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", help="method whose predictive draws to use (default: the run folder's method; "
                         "Bayesian-LoRA draws for a Bayesian adapter)")
     parser.add_argument("--limit", type=int, help="first K questions only (quick checks; reported numbers use full splits)")
-    add_loading_arguments(parser)
+    add_setting_flags(parser, LOADING_SETTINGS)
     parser.add_argument("--output", required=True, help="folder for results.json, predictions.jsonl, reliability.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -185,14 +178,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading data or a model."""
     for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
+        check_count(flag, value)
     if args.task_file and args.split:
         raise UsageError("--split applies to --task only; a --task-file is used whole")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output!r} exists and is not a folder")
-    if args.method is not None and args.method not in METHODS:
-        raise UsageError(f"unknown method {args.method!r}; valid methods: {', '.join(sorted(METHODS))}")
+    if args.method is not None:
+        check_method_name(args.method)
 
 
 def _run_record(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -134,23 +134,6 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def add_loading_arguments(parser) -> None:
-    """--dtype, --load-in-4bit, --load-in-8bit (for `evaluate` and `compare`; `train` declares them as settings)."""
-    parser.add_argument("--dtype", choices=list(DTYPES), help="dtype of the base model's weights (default fp32)")
-    bits = parser.add_mutually_exclusive_group()
-    for name in QUANTIZATIONS:
-        bits.add_argument(f"--load-in-{name}", dest="quantization", action="store_const", const=name,
-                          help=f"load the base model {name} quantised (bitsandbytes; --dtype is the compute dtype)")
-
-
-def loading_from_args(args) -> dict:
-    """The `load_model` keyword arguments the flags of `add_loading_arguments` gave (absent ones left out)."""
-    given = {"dtype": args.dtype, "quantization": args.quantization}
-    loading = {name: value for name, value in given.items() if value is not None}
-    check_loading(loading.get("dtype", "fp32"), loading.get("quantization"))
-    return loading
-
-
 def _device_map() -> dict[str, int | str]:
     """The whole quantised model on this process's device (bitsandbytes places weights while loading)."""
     if torch.cuda.is_available():

@@ -27,10 +27,11 @@ import torch
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from bayeslora.errors import UsageError
+from bayeslora.files import write_atomically
 from bayeslora.methods import Method, get_method
 from bayeslora.models import load_model
 from bayeslora.predictive import Predictions, predict
@@ -65,14 +66,10 @@ def save_method_state(
     """
     directory = Path(directory)
     tensors, values = method.fitted_state()
-    staging = directory / f".{STATE}.tmp"
-    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, staging)
-    os.replace(staging, directory / STATE)
+    write_atomically(directory / STATE, save({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}))
     record = {"format": FORMAT, "method": method.name, "options": options, "lora": lora, "model": model,
               "loading": loading, "evaluation": evaluation, "fitted": values}
-    staging = directory / f".{RECORD}.tmp"
-    staging.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(staging, directory / RECORD)
+    write_atomically(directory / RECORD, json.dumps(record, indent=1) + "\n")
 
 
 def read_record(directory: str | os.PathLike) -> dict[str, Any]:
@@ -167,9 +164,7 @@ class LoadedRun:
         """
         run = self.record["evaluation"]
         scorer = Scorer(self.tokenizer, scoring or run["scoring"], normalization=normalization or run["normalization"])
-        if n_samples is None:
-            n_samples = run["samples"] or self.method.default_samples
-        return predict(self.model, scorer, questions, self.method, n_samples,
+        return predict(self.model, scorer, questions, self.method, run["samples"] if n_samples is None else n_samples,
                        run["seed"] if seed is None else seed, batch_size or run["batch_size"])
 
 

@@ -8,14 +8,14 @@ import torch
 
 import bayeslora
 from bayeslora.cli import main
-from bayeslora.compare import FIXTURE
+from bayeslora.presets import FIXTURE_MODEL
 from bayeslora.layer import BayesianFactors
 from tests.conftest import make_tiny_llama
-from tests.test_runs_restore import METRICS, TEST, train_run
+from tests.test_runs_restore import METRICS, TEST, TRAIN, train_run
 
-TRAIN_FLAGS = ["train", "--model", str(FIXTURE / "model"), "--task-file", str(FIXTURE / "arith_train.jsonl"),
+TRAIN_FLAGS = ["train", "--model", str(FIXTURE_MODEL), "--task-file", str(TRAIN),
                "--scoring", "cloze"]
-EVALUATE_FLAGS = ["evaluate", "--model", str(FIXTURE / "model"), "--task-file", str(TEST), "--scoring", "cloze"]
+EVALUATE_FLAGS = ["evaluate", "--model", str(FIXTURE_MODEL), "--task-file", str(TEST), "--scoring", "cloze"]
 
 
 def _one_error_line(capsys) -> str:
@@ -27,7 +27,7 @@ def _one_error_line(capsys) -> str:
 @pytest.mark.parametrize(("argv", "message"), [
     (TRAIN_FLAGS + ["--load-in-4bit", "--load-in-8bit"], "--load-in-4bit and --load-in-8bit exclude each other"),
     (TRAIN_FLAGS + ["--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
-    (EVALUATE_FLAGS + ["--load-in-4bit", "--load-in-8bit"], "argument --load-in-8bit: not allowed with argument --load-in-4bit"),
+    (EVALUATE_FLAGS + ["--load-in-4bit", "--load-in-8bit"], "--load-in-4bit and --load-in-8bit exclude each other"),
     (EVALUATE_FLAGS + ["--dtype", "half"], "argument --dtype: invalid choice: 'half'"),
 ])
 def test_bad_loading_flags_are_one_line_exit_2(tmp_path, capsys, argv, message):
@@ -78,7 +78,7 @@ def test_quantised_base_trains_fp32_bayesian_factors_in_peft_bnb_layers_and_rest
     model_dir = tmp_path / "model64"
     make_tiny_llama(vocab_size=113, hidden_size=64).save_pretrained(model_dir)  # the fixture tokenizer's vocabulary
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (model_dir / name).write_bytes((FIXTURE / "model" / name).read_bytes())
+        (model_dir / name).write_bytes((FIXTURE_MODEL / name).read_bytes())
     run = tmp_path / "quantised"
     reference = train_run(run, "bayeslora", "--dtype", "bf16", flag, model=model_dir)
     restored = bayeslora.load_run(run)

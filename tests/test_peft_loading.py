@@ -9,12 +9,11 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import bayeslora
-from bayeslora.compare import FIXTURE
+from bayeslora.presets import FIXTURE_MODEL
 from bayeslora.errors import UsageError
 from tests.conftest import make_tiny_llama
 
 TOKENS = torch.tensor([[3, 17, 42, 99, 5, 8], [60, 2, 2, 71, 33, 1]])
-FIXTURE_MODEL = FIXTURE / "model"
 
 
 def _trained_like(model):
@@ -101,7 +100,8 @@ def _evaluate_fails(capsys, tmp_path, adapter, *extra) -> str:
 
     output = tmp_path / "out"
     argv = ["evaluate", "--model", str(FIXTURE_MODEL), "--adapter", adapter, "--task-file",
-            str(FIXTURE / "arith_test.jsonl"), "--scoring", "cloze", "--output", str(output), "--no-progress", *extra]
+            str(FIXTURE_MODEL.parent / "arith_test.jsonl"), "--scoring", "cloze", "--output", str(output),
+            "--no-progress", *extra]
     assert main(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("bayeslora: error:")]
     assert len(errors) == 1 and not output.exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bayeslora.compare import FIXTURE
+from bayeslora.presets import FIXTURE_MODEL
 from tests.test_runs_restore import TEST, train_run
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -33,6 +33,6 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["python-load-run", "plain-peft"])
 def test_snippet_runs(name, workdir, monkeypatch, capsys):
-    code = snippets()[name].replace('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(str(FIXTURE / "model")))
+    code = snippets()[name].replace('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(str(FIXTURE_MODEL)))
     monkeypatch.chdir(workdir)
     exec(compile(code, f"README.md:{name}", "exec"), {})

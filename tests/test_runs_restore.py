@@ -12,20 +12,20 @@ import torch
 
 import bayeslora
 from bayeslora.cli import main
-from bayeslora.compare import ALL_METHODS, FIXTURE
+from bayeslora.presets import ALL_METHODS, FIXTURE_MODEL
 from bayeslora.errors import UsageError
 from bayeslora.tasks import load_task_file
 
 METRICS = ("accuracy_percent", "ece_percent", "mce_percent", "nll", "brier", "n_samples", "n_examples")
-TRAIN = FIXTURE / "arith_train.jsonl"
-TEST = FIXTURE / "arith_test.jsonl"
+TRAIN = FIXTURE_MODEL.parent / "arith_train.jsonl"
+TEST = FIXTURE_MODEL.parent / "arith_test.jsonl"
 # small post-hoc searches, as in the smoke preset
 METHOD_OPTIONS = {"laplace": {"prior_grid": [1.0, 100.0], "tune_samples": 2},
                   "laplace_last": {"prior_grid": [1.0, 100.0], "tune_samples": 2},
                   "tfb": {"search_steps": 3, "search_samples": 2}}
 
 
-def train_run(output, method, *extra, model=FIXTURE / "model"):
+def train_run(output, method, *extra, model=FIXTURE_MODEL):
     """`bayeslora train` for two steps on the smoke fixture; the run's results.json."""
     config = output.parent / f"{method}-options.yaml"
     config.write_text(json.dumps({"method_options": METHOD_OPTIONS.get(method, {})}))
@@ -84,7 +84,7 @@ def test_a_bare_adapter_is_refused_for_a_method_that_fitted_something(runs, tmp_
     bare.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(runs["temperature"][0] / name, bare / name)
-    assert main(["evaluate", "--model", str(FIXTURE / "model"), "--adapter", str(bare), "--method", "temperature",
+    assert main(["evaluate", "--model", str(FIXTURE_MODEL), "--adapter", str(bare), "--method", "temperature",
                  "--task-file", str(TEST), "--scoring", "cloze", "--output", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "--method temperature is restored from a run folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -135,3 +135,15 @@ def test_a_missing_or_truncated_file_is_one_line(runs, tmp_path, capsys, name, d
 def test_load_run_names_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(UsageError, match="is not a bayeslora run folder"):
         bayeslora.load_run(tmp_path)
+
+
+def test_a_compare_unit_restores_with_its_loading_and_reproduces_its_evaluations(tmp_path, capsys):
+    output = tmp_path / "grid"
+    assert main(["compare", "--preset", "smoke", "--methods", "laplace", "--dtype", "bf16", "--output", str(output)]) == 0
+    unit = output / "runs" / "smoke_arith" / "laplace" / "seed-1"
+    assert json.loads((unit / "method.json").read_text())["loading"]["dtype"] == "bf16"
+    for task, reference in (("smoke_arith", unit), ("smoke_shift", unit / "eval" / "smoke_shift")):
+        again = tmp_path / f"again-{task}"
+        assert main(["evaluate", "--adapter", str(unit), "--task", task, "--output", str(again), "--no-progress"]) == 0
+        expected = json.loads((reference / "results.json").read_text())
+        assert {k: json.loads((again / "results.json").read_text())[k] for k in METRICS} == {k: expected[k] for k in METRICS}

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, ContextManager
 import torch
 from torch import nn
 
-from bayeslora.methods.base import register_method
+from bayeslora.methods.base import PREDICTIVE_SAMPLES, register_method
 from bayeslora.methods.blob import gaussian_layers, gaussian_lora, held_draw
 from bayeslora.methods.map import MAP
 
@@ -64,7 +64,7 @@ def set_sigma(scales: list[tuple[nn.Parameter, torch.Tensor]], sigma: float) -> 
 @register_method
 class TFB(MAP):
     name: ClassVar[str] = "tfb"
-    default_samples: ClassVar[int] = 4
+    default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
     needs_run_folder: ClassVar[bool] = True
 
     def __init__(
@@ -117,8 +117,8 @@ class TFB(MAP):
             with context:
                 yield
 
-    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
-        for sample in range(n_samples):
+    def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
+        for sample in range(self.sample_count(n_samples)):
             yield held_draw(model, seed + sample)
 
     def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
