@@ -16,7 +16,6 @@ from bayeslora.adapter import (
 )
 from bayeslora.config import BayesLoraConfig
 from bayeslora.inducing import InducingFactor
-from bayeslora.runs import LoadedRun, load_run  # last: it imports the methods, which import this package
 
 # peft takes any 1-D tensor under lora_A / lora_B for an ungathered ZeRO-3 shard and warns at save time;
 # an inducing factor legitimately holds 1-D parameters (D_r, D_c, lambda, the flow's biases).
@@ -25,6 +24,18 @@ warnings.filterwarnings(
     message=r"Adapter .* LoRA tensor\(s\) have invalid shape: .*(_raw|\.flow\.)",
     category=PeftWarning,
 )
+
+
+
+def __getattr__(name: str):
+    """`load_run` and `LoadedRun` on first use: `bayeslora.runs` imports the methods, which the protocol
+    modules (`bayeslora.predictive`, `scoring`, ...) importing this package must not pull in."""
+    if name in ("LoadedRun", "load_run"):
+        from bayeslora import runs
+
+        return getattr(runs, name)
+    raise AttributeError(f"module 'bayeslora' has no attribute {name!r}")
+
 
 __all__ = [
     "BayesLoraConfig",

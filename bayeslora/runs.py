@@ -89,6 +89,16 @@ def read_record(directory: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
+def _read_tensors(directory: Path, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file of the run folder `directory`; a missing or unreadable one is named."""
+    if not path.is_file():
+        raise UsageError(f"run folder {str(directory)!r} lacks {path.relative_to(directory)}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise UsageError(f"{path} cannot be read ({str(error).splitlines()[0]})") from None
+
+
 def read_adapter_weights(directory: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     """The saved weights of every adapter of a run folder, by adapter name ("default": the folder itself).
 
@@ -98,16 +108,7 @@ def read_adapter_weights(directory: str | os.PathLike) -> dict[str, dict[str, to
     directory = Path(directory)
     folders = {"default": directory} if (directory / "adapter_config.json").is_file() else {}
     folders.update({folder.name: folder for folder in sorted(directory.iterdir()) if (folder / "adapter_config.json").is_file()})
-    weights = {}
-    for adapter, folder in folders.items():
-        path = folder / "adapter_model.safetensors"
-        if not path.is_file():
-            raise UsageError(f"run folder {str(directory)!r} lacks {path.relative_to(directory)}")
-        try:
-            weights[adapter] = load_file(path)
-        except (SafetensorError, OSError) as error:
-            raise UsageError(f"{path} cannot be read ({str(error).splitlines()[0]})") from None
-    return weights
+    return {adapter: _read_tensors(directory, folder / "adapter_model.safetensors") for adapter, folder in folders.items()}
 
 
 def load_adapter_weights(
@@ -121,23 +122,13 @@ def load_adapter_weights(
         weights_file = (directory if adapter == "default" else directory / adapter) / "adapter_model.safetensors"
         if adapter not in weights:
             raise UsageError(f"run folder {str(directory)!r} lacks {weights_file.relative_to(directory)}")
-        expected = {key for key in model.state_dict() if f".{adapter}." in key or key.endswith(f".{adapter}")}
         result = set_peft_model_state_dict(model, weights[adapter], adapter_name=adapter)
-        missing = sorted(key for key in result.missing_keys if key in expected)
+        # missing keys include the base model's and the other adapters': only this adapter's count
+        missing = sorted(key for key in result.missing_keys if f".{adapter}." in key or key.endswith(f".{adapter}"))
         if result.unexpected_keys or missing:
             first = (sorted(result.unexpected_keys) or missing)[0]
             kind = "unexpected" if result.unexpected_keys else "missing"
             raise UsageError(f"{weights_file} is not an adapter of method {method_name} ({kind} tensor {first})")
-
-
-def _fitted_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    path = directory / STATE
-    if not path.is_file():
-        raise UsageError(f"run folder {str(directory)!r} lacks {STATE}")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise UsageError(f"{path} cannot be read ({str(error).splitlines()[0]})") from None
 
 
 @dataclass
@@ -176,7 +167,7 @@ def load_run(directory: str | os.PathLike, model: str | None = None, **loading: 
     """
     directory = Path(directory)
     record = read_record(directory)
-    tensors = _fitted_tensors(directory)
+    tensors = _read_tensors(directory, directory / STATE)
     adapters = read_adapter_weights(directory)  # every file is read before the base model is loaded
     method = get_method(record["method"], **record["options"])
     base, tokenizer = load_model(model or record["model"], **{**record["loading"], **loading})
