@@ -11,7 +11,6 @@ from bayeslora.adapter import (
     is_bayesian,
     kl_divergence,
     load_bayeslora_model,
-    mean_lambda,
     sampling,
 )
 from bayeslora.config import BayesLoraConfig
@@ -24,7 +23,6 @@ warnings.filterwarnings(
     message=r"Adapter .* LoRA tensor\(s\) have invalid shape: .*(_raw|\.flow\.)",
     category=PeftWarning,
 )
-
 
 
 def __getattr__(name: str):
@@ -48,6 +46,5 @@ __all__ = [
     "kl_divergence",
     "load_bayeslora_model",
     "load_run",
-    "mean_lambda",
     "sampling",
 ]
