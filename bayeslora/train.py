@@ -173,7 +173,10 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
 
     unwrapped = model.to(accelerator.device)
     parameters = [p for p in unwrapped.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(method.parameter_groups(unwrapped), lr=s.lr)
+    groups = method.parameter_groups(unwrapped)
+    for group in groups:  # a method may scale the learning rate of a group; schedules then scale every group alike
+        group["lr"] = s.lr * group.pop("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=s.lr)
     scheduler = lr_scheduler(optimizer, s.lr_schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                              warmup_steps=s.warmup_steps, milestones=tuple(s.lr_milestones))
     kl = KLWeighting(s.kl_weighting, s.beta, s.kl_warmup, s.kl_warmup_unit, len(train_questions), steps_per_epoch)

@@ -265,3 +265,17 @@ def test_bayeslora_dropout_at_evaluation_switches_lora_dropout_on_inside_draws_o
     for draw in get_method("bayeslora").draws(model, 1):
         with draw:
             assert not any(module.training for module in dropouts)
+
+
+def test_bayeslora_scales_move_at_their_own_learning_rate(tmp_path):
+    """Adam's first step moves every parameter by about its group's lr: 10 x lr for lambda and the q0 sds."""
+    method = get_method("bayeslora", inducing_rows=3, inducing_cols=3, max_lambda=0.9, max_sd_u=0.9)
+    train, validation = split_validation(fixture_questions(12), 4, seed=0, limit=None)
+    model = tiny_model(method)
+    factor = next(bayeslora.adapter.bayesian_factors(model))
+    before = {name: p.detach().clone() for name, p in factor.named_parameters()}
+    fit(model, tiny_scorer("letter"), method, train, validation, settings(tmp_path, max_steps=1, max_grad_norm=0.0),
+        tmp_path, Accelerator(cpu=True))
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in factor.named_parameters()}
+    assert moved["lambda_raw"] == pytest.approx(0.1, rel=0.05) and moved["u_sd_raw"] == pytest.approx(0.1, rel=0.05)
+    assert moved["u_mean"] == pytest.approx(0.01, rel=0.05)

@@ -83,7 +83,9 @@ class Method:
         raise NotImplementedError
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """AdamW parameter groups of the trainable parameters: one group with the method's weight decay by default."""
+        """AdamW parameter groups of the trainable parameters: one group with the method's weight decay by default.
+
+        A group may carry `lr_scale`, a multiplier of the training loop's learning rate for its parameters."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": self.weight_decay}]
 
     def regulariser(
