@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -24,11 +25,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from bayeslora.adapter_source import adapter_file
 from bayeslora.config import BayesLoraConfig, names_module
-from bayeslora.errors import CorruptFileError, MissingFileError
+from bayeslora.errors import CorruptFileError
 from bayeslora.files import write_files_atomically
 from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
-from bayeslora.layer import BayesLoraLinear
+from bayeslora.layer import BayesianFactors
 from bayeslora.saved_files import read_json_object, read_tensors
 
 
@@ -80,7 +82,7 @@ def _check_bayesian_targets(peft_model: PeftModel, config: BayesLoraConfig, adap
     }
     for key, module in lora_targets.items():
         if config.is_bayesian_module(key) and not (
-            isinstance(module, BayesLoraLinear) and module.is_bayesian_adapter(adapter_name)
+            isinstance(module, BayesianFactors) and module.is_bayesian_adapter(adapter_name)
         ):
             layer_type = type(module.get_base_layer()).__name__
             raise ValueError(f"module {key!r} is a {layer_type}, which cannot carry Bayesian factors (nn.Linear only)")
@@ -104,12 +106,6 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
     if not groups:
         raise ValueError("the model has no Bayesian factors (was it built with get_bayeslora_model?)")
     return torch.stack([kl_terms(group).sum() for group in groups]).sum()
-
-
-def mean_lambda(model: nn.Module) -> float:
-    """Mean conditional noise scale lambda over the factors (for logging)."""
-    with torch.no_grad():
-        return torch.stack([factor.lam for factor in bayesian_factors(model)]).mean().item()
 
 
 @contextmanager
@@ -164,11 +160,12 @@ def _check_lora_schema(saved: dict, path: Path) -> None:
         raise CorruptFileError(f"{path}: a {saved['peft_type']} adapter; only LoRA and Bayesian-LoRA adapters load")
 
 
-def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
-    """The adapter's settings, checked: a `BayesLoraConfig` when they have Bayesian settings, else a `LoraConfig`."""
-    path = Path(directory) / ADAPTER_CONFIG
-    if not Path(directory).is_dir():
-        raise MissingFileError(f"adapter folder {directory} does not exist")
+def load_adapter_config(name_or_path: str | os.PathLike, **hub_options: Any) -> LoraConfig:
+    """The adapter's settings, checked: a `BayesLoraConfig` when they have Bayesian settings, else a `LoraConfig`.
+
+    `name_or_path`: a local folder or a Hub id (`adapter_source`; `hub_options` are passed on).
+    """
+    path = adapter_file(name_or_path, ADAPTER_CONFIG, **hub_options)
     saved = read_json_object(path)
     _check_lora_schema(saved, path)
     config_class = BayesLoraConfig if "bayesian_modules" in saved else LoraConfig
@@ -180,10 +177,10 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 
 
 def _adapter_and_weights(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str, is_trainable: bool
+    model: nn.Module, name_or_path: str | os.PathLike, adapter_name: str, is_trainable: bool, **hub_options: Any
 ) -> tuple[PeftModel, dict[str, torch.Tensor]]:
     """The adapter built on `model` from its saved config (fresh factors), and its weights file, verified against it."""
-    config = read_adapter_config(directory)
+    config = load_adapter_config(name_or_path, **hub_options)
     config.inference_mode = not is_trainable
     try:
         if isinstance(config, BayesLoraConfig):
@@ -191,15 +188,16 @@ def _adapter_and_weights(
         else:
             peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     except ValueError as error:  # peft's "target modules not found", a Bayesian module that matches no target
-        raise CorruptFileError(f"{Path(directory) / ADAPTER_CONFIG}: {str(error).strip().splitlines()[0]}") from None
-    weights = Path(directory) / ADAPTER_WEIGHTS
-    if not weights.is_file() and (Path(directory) / "adapter_model.bin").is_file():
-        raise CorruptFileError(f"{Path(directory) / 'adapter_model.bin'}: pickle adapters are not read; "
-                               f"re-save it as {ADAPTER_WEIGHTS} (peft's default)")
+        config_path = adapter_file(name_or_path, ADAPTER_CONFIG, **hub_options)
+        raise CorruptFileError(f"{config_path}: {str(error).strip().splitlines()[0]}") from None
+    pickled = Path(name_or_path).expanduser() / hub_options.get("subfolder", "") / "adapter_model.bin"
+    if pickled.is_file() and not pickled.with_name(ADAPTER_WEIGHTS).is_file():
+        raise CorruptFileError(f"{pickled}: pickle adapters are not read; re-save it as {ADAPTER_WEIGHTS} (peft's default)")
+    weights = adapter_file(name_or_path, ADAPTER_WEIGHTS, **hub_options)
     return peft_model, read_tensors(weights, get_peft_model_state_dict(peft_model, adapter_name=adapter_name))
 
 
-def check_adapter(directory: str | os.PathLike, model_config: PretrainedConfig) -> None:
+def check_adapter(name_or_path: str | os.PathLike, model_config: PretrainedConfig, **hub_options: Any) -> None:
     """Verify a saved adapter against a model's configuration without loading the model's weights.
 
     The model is built on the meta device (no memory, no weights), which is enough to know every tensor
@@ -207,11 +205,15 @@ def check_adapter(directory: str | os.PathLike, model_config: PretrainedConfig) 
     """
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft's notes about the skeleton's (empty) name and meta tensors
-        _adapter_and_weights(AutoModelForCausalLM.from_config(model_config), directory, "default", False)
+        _adapter_and_weights(AutoModelForCausalLM.from_config(model_config), name_or_path, "default", False, **hub_options)
 
 
 def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    model: nn.Module,
+    name_or_path: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    **hub_options: Any,
 ) -> PeftModel:
     """A saved adapter (plain peft LoRA or Bayesian-LoRA) on `model`, every tensor verified.
 
@@ -219,8 +221,10 @@ def load_adapter(
     weights file must hold; the file is then read and checked (`saved_files.read_tensors`: nothing missing,
     nothing left over, shapes, finite values) before any value reaches the model. A mismatch is a
     `CorruptFileError` naming the file, never peft's warning over freshly initialised factors.
+    `name_or_path` is a local folder or a Hub id, resolved as peft resolves it (`bayeslora.adapter_source`);
+    `hub_options` (`subfolder`, `revision`, `token`, `cache_dir`) are passed on.
     """
-    peft_model, weights = _adapter_and_weights(model, directory, adapter_name, is_trainable)
+    peft_model, weights = _adapter_and_weights(model, name_or_path, adapter_name, is_trainable, **hub_options)
     set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
     if not is_trainable:
         peft_model.eval()
@@ -228,12 +232,16 @@ def load_adapter(
 
 
 def load_bayeslora_model(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    model: nn.Module,
+    name_or_path: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    **hub_options: Any,
 ) -> PeftModel:
     """Restore a Bayesian-LoRA adapter saved with `save_pretrained` onto a fresh base model (verified, `load_adapter`)."""
-    if not isinstance(read_adapter_config(directory), BayesLoraConfig):
-        raise CorruptFileError(f"{Path(directory) / ADAPTER_CONFIG}: not a Bayesian-LoRA adapter (no bayesian_modules setting)")
-    return load_adapter(model, directory, adapter_name, is_trainable)
+    if not isinstance(load_adapter_config(name_or_path, **hub_options), BayesLoraConfig):
+        raise CorruptFileError(f"adapter {str(name_or_path)!r} is not a Bayesian-LoRA adapter (no bayesian_modules setting)")
+    return load_adapter(model, name_or_path, adapter_name, is_trainable, **hub_options)
 
 
 def export_mean_lora(model: PeftModel, directory: str | os.PathLike, adapter_name: str = "default") -> None:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft import LoraConfig
-from torch import nn
 
 
 def _is_integer(value) -> bool:
@@ -34,11 +33,15 @@ PAPER_CONSTANTS = {"prior_sd": 0.1, "lambda_init": 1e-3, "max_lambda": 0.03, "sd
 class BayesLoraConfig(LoraConfig):
     """LoRA whose A and B factors on `bayesian_modules` are inducing-weight factors.
 
-    Defaults are the paper's (see docs/method.md): 9 x 9 whitened inducing
-    matrix per factor, prior_sd 0.1 (prior scale prior_sd / sqrt(d_in)), lambda
-    initialised at 1e-3 and clamped at 0.03, q0 standard deviation initialised
-    at 1e-3 and clamped at 0.1, a row-wise masked autoregressive flow of hidden
-    width 16 with two residual blocks.
+    The paper's structure (a 9 x 9 whitened inducing matrix per factor, a row-wise
+    masked autoregressive flow of hidden width 16 with two residual blocks) with
+    scales at which the posterior moves the model and its draws disagree
+    (docs/method.md, "Defaults", has the measurements): prior_sd 1.0 (prior scale
+    prior_sd / sqrt(d_in), the authors' later setting), lambda initialised at its
+    cap 0.3 (the conditional KL pushes lambda up to its cap whatever the data, so
+    starting below it only wastes steps), q0 standard deviation initialised at 0.5
+    and capped at 1.0, the prior's own scale. `BayesLoraConfig.paper(...)` builds
+    the published constants instead.
     """
 
     bayesian_modules: Optional[Union[list[str], str]] = field(
@@ -47,11 +50,11 @@ class BayesLoraConfig(LoraConfig):
     )
     inducing_rows: int = field(default=9, metadata={"help": "Rows m_r of each factor's inducing matrix."})
     inducing_cols: int = field(default=9, metadata={"help": "Columns m_c of each factor's inducing matrix."})
-    prior_sd: float = field(default=0.1, metadata={"help": "Prior scale numerator: sigma_p = prior_sd / sqrt(d_in)."})
-    lambda_init: float = field(default=1e-3, metadata={"help": "Initial conditional noise scale lambda."})
-    max_lambda: float = field(default=0.03, metadata={"help": "lambda is clamped at this value."})
-    sd_init: float = field(default=1e-3, metadata={"help": "Initial standard deviation of q0 over the inducing matrix."})
-    max_sd_u: float = field(default=0.1, metadata={"help": "q0's standard deviations are clamped at this value."})
+    prior_sd: float = field(default=1.0, metadata={"help": "Prior scale numerator: sigma_p = prior_sd / sqrt(d_in)."})
+    lambda_init: float = field(default=0.3, metadata={"help": "Initial conditional noise scale lambda."})
+    max_lambda: float = field(default=0.3, metadata={"help": "lambda is clamped at this value."})
+    sd_init: float = field(default=0.5, metadata={"help": "Initial standard deviation of q0 over the inducing matrix."})
+    max_sd_u: float = field(default=1.0, metadata={"help": "q0's standard deviations are clamped at this value."})
     flow: bool = field(default=True, metadata={"help": "Push q0 through a row-wise masked autoregressive flow."})
     flow_hidden: int = field(default=16, metadata={"help": "Hidden width of the flow's conditioner."})
     flow_blocks: int = field(default=2, metadata={"help": "Residual blocks in the flow's conditioner."})
@@ -79,11 +82,11 @@ class BayesLoraConfig(LoraConfig):
                 outside = sorted(set(self.bayesian_modules) - set(self.target_modules))
                 if outside:
                     raise ValueError(f"bayesian_modules {outside} are not in target_modules {sorted(self.target_modules)}")
-        # peft's extension point for custom LoRA layers: every nn.Linear target gets our layer class,
-        # which keeps plain LoRA factors on non-Bayesian targets.
-        from bayeslora.layer import BayesLoraLinear
+        # peft's extension point for custom LoRA layers: every nn.Linear target (bitsandbytes' quantised ones
+        # included) gets our layer class, which keeps plain LoRA factors on non-Bayesian targets.
+        from bayeslora.layer import custom_layers
 
-        self._register_custom_module({nn.Linear: BayesLoraLinear})
+        self._register_custom_module(custom_layers())
 
     @classmethod
     def paper(cls, **settings) -> "BayesLoraConfig":

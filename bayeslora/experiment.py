@@ -8,7 +8,10 @@ with its (task, method, seed). In order: load the questions, the model and
 tokenizer, the scorer and the method; optionally evaluate the base model
 (zero_shot/); seed and build the method's adapter (`prepare`); train it with
 the one loop (`train.fit`, which ends with the method's post-hoc fit); save the
-adapter; evaluate it with the one evaluation path.
+adapter; evaluate it with the one evaluation path. A post-hoc method may
+instead start from the adapter of a finished run of its base method
+(`adapter_from`, how `compare` avoids training the same adapter twice): it is
+loaded, fitted post hoc, saved and evaluated, not trained.
 
 Data (docs/protocol.md, "Validation"): a registry task trains on its train
 role, selects (best epoch, early stopping) and fits post hoc (temperature,
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from peft import set_peft_model_state_dict
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -46,11 +50,12 @@ from bayeslora.evaluate import evaluate, write_outputs
 from bayeslora.files import write_atomically, write_files_atomically
 from bayeslora.methods import Method, get_method
 from bayeslora.models import context_length, load_model, load_model_config, load_tokenizer
+from bayeslora.output_dir import check_not_in_use, output_lock
+from bayeslora.runs import save_method_state
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import EVALUATION_ROLE, Question, load_task, load_task_file
-from bayeslora.output_dir import check_not_in_use, output_lock
-from bayeslora.saved_files import read_json_object
-from bayeslora.train import TrainingDiverged, check_batches, fit
+from bayeslora.saved_files import read_json_object, read_tensors
+from bayeslora.train import TrainingDiverged, check_batches, fit, post_hoc_fit
 from bayeslora.train_settings import FILE_VALIDATION_SIZE, TrainSettings, add_arguments, settings_from_args
 
 __all__ = ["Experiment", "add_arguments", "load_questions", "run", "run_experiment", "split_validation"]
@@ -103,6 +108,18 @@ def trainable_parameters(model: nn.Module, method: Method) -> int:
     return total
 
 
+def load_trained_adapter(model: nn.Module, directory: Path) -> None:
+    """Copy the adapter a finished run saved (peft format) into `model`; every trainable tensor must be in it."""
+    path = directory / "adapter_model.safetensors"
+    if not path.is_file():
+        raise UsageError(f"adapter_from: no trained adapter in {directory} (did its run finish?)")
+    loaded = set_peft_model_state_dict(model, read_tensors(path))  # readable, floating point, finite
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    mismatch = sorted(trainable & set(loaded.missing_keys)) + sorted(loaded.unexpected_keys)
+    if mismatch:
+        raise UsageError(f"{path} does not fit this method's adapter (first mismatch: {mismatch[0]})")
+
+
 def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = (), *, resume: bool = False,
                    overwrite: bool = False) -> Experiment | None:
     """Train and evaluate one adapter into `settings.output` (see the module docstring); None on other processes.
@@ -144,7 +161,7 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
                         evaluation: list[Question], extras: dict[str, list[Question]], output: Path,
                         accelerator: Accelerator, resume: bool) -> Experiment | None:
     """`run_experiment` once its inputs are checked and its output directory is locked and recorded."""
-    model, tokenizer = load_model(settings.model)
+    model, tokenizer = load_model(settings.model, **settings.loading())
     scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization,
                     max_length=context_length(model.config), truncate_left=settings.truncate_left)
     zero_shot = None
@@ -161,12 +178,21 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
     model = method.prepare(model, lora)
     set_seed(settings.seed, device_specific=True)  # posterior draws and dropout: one stream per process
     start = time.perf_counter()
-    results = fit(model, scorer, method, train, validation, settings, output, accelerator, resume=resume)
+    if settings.adapter_from is None:
+        results = fit(model, scorer, method, train, validation, settings, output, accelerator, resume=resume)
+    else:  # a post-hoc method on its base method's trained adapter: fit, do not train
+        load_trained_adapter(model, Path(settings.adapter_from))
+        model.to(accelerator.device)
+        post_hoc_fit(model, scorer, method, train, validation, settings.eval_batch_size, accelerator.device)
+        results = []
     train_seconds = time.perf_counter() - start
     if not accelerator.is_main_process:
         return None
     write_files_atomically(output, model.save_pretrained)  # the adapter, in peft format
-    summary = {"n_train": len(train), "n_validation": len(validation), "members": [dataclasses.asdict(r) for r in results]}
+    save_method_state(output, method, options=settings.method_options, lora=lora, model=settings.model,
+                      loading=settings.loading(), evaluation=evaluation_record(settings))
+    summary = {"n_train": len(train), "n_validation": len(validation), "train_seconds": train_seconds,
+               "members": [dataclasses.asdict(r) for r in results]}
     write_atomically(output / "training.json", json.dumps(summary, indent=1))
     after = None
     if evaluation:
@@ -178,6 +204,12 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
                      for task, questions in extras.items()}
     return Experiment(method, len(train), len(validation), trainable_parameters(model, method), train_seconds,
                       str(accelerator.device), after, extra_results, zero_shot)
+
+
+def evaluation_record(settings: TrainSettings) -> dict[str, Any]:
+    """The scoring settings of the run's own evaluations (`evaluate_into`), kept in its run folder."""
+    return {"scoring": settings.scoring, "normalization": settings.normalization, "samples": settings.samples,
+            "seed": settings.seed, "batch_size": settings.eval_batch_size}
 
 
 def evaluate_into(directory: Path, model: nn.Module, tokenizer, questions: Sequence, method, settings: TrainSettings,

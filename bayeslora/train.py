@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from bayeslora.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
+from bayeslora.diagnostics import collapse_message, draw_disagreement, posterior_state, relative_updates
 from bayeslora.errors import CorruptFileError, UsageError
 from bayeslora.files import write_atomically
 from bayeslora.inducing import MEAN, InducingFactor, draw_weights
@@ -50,7 +52,7 @@ from bayeslora.predictive import predict
 from bayeslora.schedules import KLWeighting, lr_scheduler
 from bayeslora.train_settings import TrainSettings
 
-__all__ = ["FitResult", "TrainingDiverged", "check_batches", "fit", "task_loss", "unusable_module"]
+__all__ = ["check_batches", "fit", "FitResult", "task_loss", "TrainingDiverged", "unusable_module"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -85,6 +87,7 @@ def _diverged(model: nn.Module, output: Path, step: int, what: str) -> TrainingD
                             f"a smaller --lr or --max-grad-norm may help")
 
 
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The order of the training questions in `epoch`: a function of (seed, epoch) only, so resuming repeats it."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
@@ -109,11 +112,12 @@ def task_loss(logits: torch.Tensor, answers: torch.Tensor, label_smoothing: floa
     return loss.mean(), nll.mean()
 
 
-def validation_nll(model: nn.Module, scorer, method, questions: Sequence, n_samples: int | None, seed: int,
-                   batch_size: int) -> float:
-    """NLL (nats per question) of the method's predictive, mean over draws of softmax(z), on held-out questions."""
+def validate(model: nn.Module, scorer, method, questions: Sequence, n_samples: int | None, seed: int,
+             batch_size: int) -> dict[str, Any]:
+    """On held-out questions: the NLL (nats per question) of the method's predictive, mean over draws of
+    softmax(z), and how much the draws disagree (mutual information, draw spread; see `diagnostics`)."""
     predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size)
-    return nll(predictions.probs, predictions.answers)
+    return {"validation_nll": nll(predictions.probs, predictions.answers), **draw_disagreement(predictions)}
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -176,10 +180,16 @@ def fit(
             results.append(_fit_member(model, scorer, method, train_questions, validation_questions, settings, folder,
                                        accelerator, settings.seed + index,
                                        resume=resume and latest_checkpoint(folder) is not None))
-    model.eval()
-    batches = partial(_batches, scorer, batch_size=settings.eval_batch_size, device=accelerator.device)
-    method.after_training(model, batches(validation_questions), scorer.choice_logits, train_batches=batches(train_questions))
+    post_hoc_fit(model, scorer, method, train_questions, validation_questions, settings.eval_batch_size, accelerator.device)
     return results
+
+
+def post_hoc_fit(model: nn.Module, scorer, method, train_questions: Sequence, validation_questions: Sequence,
+                 batch_size: int, device: torch.device) -> None:
+    """The method's fit after training (temperature, Laplace, TFB) on the validation set; nothing for most methods."""
+    model.eval()
+    batches = partial(_batches, scorer, batch_size=batch_size, device=device)
+    method.after_training(model, batches(validation_questions), scorer.choice_logits, train_batches=batches(train_questions))
 
 
 def _batches(scorer, questions: Sequence, batch_size: int, device: torch.device) -> list[dict[str, Any]]:
@@ -199,7 +209,10 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
 
     unwrapped = model.to(accelerator.device)
     parameters = [p for p in unwrapped.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(method.parameter_groups(unwrapped), lr=s.lr)
+    groups = method.parameter_groups(unwrapped)
+    for group in groups:  # a method may scale the learning rate of a group; schedules then scale every group alike
+        group["lr"] = s.lr * group.pop("lr_scale", 1.0)
+    optimizer = torch.optim.AdamW(groups, lr=s.lr)
     scheduler = lr_scheduler(optimizer, s.lr_schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                              warmup_steps=s.warmup_steps, milestones=tuple(s.lr_milestones))
     kl = KLWeighting(s.kl_weighting, s.beta, s.kl_warmup, s.kl_warmup_unit, len(train_questions), steps_per_epoch)
@@ -251,25 +264,35 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
                 raise _diverged(unwrapped, output, step + 1, "a parameter is NaN or infinite after the update")
             state["step"] = step + 1
 
-            record = step_record(unwrapped, step + 1, epoch + 1, totals, kl.divisor, weight, lr, time.perf_counter() - started)
+            record = step_record(unwrapped, step + 1, epoch + 1, totals, kl.divisor, len(train_questions), weight, lr,
+                                 time.perf_counter() - started)
             recent_nll.append(record["nll"])
+
+            epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
+            selecting = s.select_epoch == "best"
+            if validation_questions and (epoch_end if selecting else state["step"] == total_steps):
+                validation = validate(unwrapped, scorer, method, validation_questions, s.samples, s.seed, s.eval_batch_size)
+                record["validation"] = validation
+                state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, **validation})
+                message = collapse_message(validation["mutual_information"], record) if "lambda_mean" in record else None
+                if message and not state.get("collapse_reported") and accelerator.is_main_process:
+                    tqdm.write(f"bayeslora: warning: {message}", file=sys.stderr)
+                    state["collapse_reported"] = True
+                value = validation["validation_nll"]
+                # with select_epoch "last" the validation only describes the adapter that is kept
+                if selecting and (state["best_validation_nll"] is None or value < state["best_validation_nll"]):
+                    state.update(best_step=state["step"], best_validation_nll=value, epochs_without_improvement=0)
+                    best_adapter = trainable_state(unwrapped)
+                elif selecting:
+                    state["epochs_without_improvement"] += 1
+                    state["stopped_early"] = s.early_stopping is not None and state["epochs_without_improvement"] >= s.early_stopping
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             bar.update(1)
-            bar.set_postfix(nll=f"{sum(recent_nll) / len(recent_nll):.3f}", kl=f"{record['kl']:.3g}", lr=f"{lr:.2g}")
-
-            epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
-            if epoch_end and validation_questions:
-                value = validation_nll(unwrapped, scorer, method, validation_questions, s.samples, s.seed,
-                                       s.eval_batch_size)
-                state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, "validation_nll": value})
-                if state["best_validation_nll"] is None or value < state["best_validation_nll"]:
-                    state.update(best_step=state["step"], best_validation_nll=value, epochs_without_improvement=0)
-                    best_adapter = trainable_state(unwrapped)
-                else:
-                    state["epochs_without_improvement"] += 1
-                    state["stopped_early"] = s.early_stopping is not None and state["epochs_without_improvement"] >= s.early_stopping
+            last_mi = state["validation_history"][-1]["mutual_information"] if state["validation_history"] else None
+            bar.set_postfix(nll=f"{sum(recent_nll) / len(recent_nll):.3f}", kl_per_example=f"{record['kl_per_example']:.3g}",
+                            mi="-" if last_mi is None else f"{last_mi:.2g}", lr=f"{lr:.2g}")
             if epoch_end or state["step"] % s.checkpoint_every == 0 or _minutes_passed(last_checkpoint, s, accelerator):
                 if unusable_module(unwrapped) is not None:  # only good checkpoints are written
                     raise _diverged(unwrapped, output, state["step"], "the parameters can no longer be used")
@@ -310,16 +333,25 @@ def _accumulate_gradients(model, unwrapped: nn.Module, scorer, method, micro_bat
     return totals / len(micro_batches)
 
 
-def step_record(model: nn.Module, step: int, epoch: int, totals: torch.Tensor, kl_divisor: float, weight: float,
-                lr: float, seconds: float) -> dict[str, Any]:
+def step_record(model: nn.Module, step: int, epoch: int, totals: torch.Tensor, kl_divisor: float, n_train: int,
+                weight: float, lr: float, seconds: float) -> dict[str, Any]:
     """The train_log.jsonl line of one optimizer step (1-based `step` and `epoch`): every per-step diagnostic goes here.
 
-    `totals` holds the step's mean loss, NLL and regulariser; `kl` is the regulariser times its divisor.
+    `totals` holds the step's mean loss, NLL and regulariser; `kl` is the regulariser times its divisor (for
+    Bayesian-LoRA the model's KL in nats), `kl_per_example` that over the `n_train` training questions. For a
+    Bayesian model the record adds the posterior's state (`diagnostics.posterior_state`), its KL parts per
+    training example; for every LoRA model the relative update size per target module.
     """
     record = {"step": step, "epoch": epoch, "loss": totals[0].item(), "nll": totals[1].item(),
-              "kl": totals[2].item() * kl_divisor, "beta": weight, "lr": lr, "seconds": seconds}
+              "kl": totals[2].item() * kl_divisor, "kl_per_example": totals[2].item() * kl_divisor / n_train,
+              "beta": weight, "lr": lr, "seconds": seconds}
     if bayeslora.is_bayesian(model):
-        record["mean_lambda"] = bayeslora.mean_lambda(model)
+        state = posterior_state(model)
+        state["kl_inducing_per_example"] = state.pop("kl_inducing") / n_train
+        state["kl_conditional_per_example"] = state.pop("kl_conditional") / n_train
+        record.update(state)
+    else:
+        record["relative_update"] = relative_updates(model)
     return record
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from bayeslora.errors import UsageError
-from bayeslora.models import DEFAULT_MODEL
+from bayeslora.models import DEFAULT_MODEL, DTYPES, check_loading
 from bayeslora.schedules import KL_WEIGHTINGS, LR_SCHEDULES
 
 
@@ -38,6 +38,8 @@ def _setting(default: Any, help: str, **argparse_options: Any) -> Any:
 FILE_VALIDATION_SIZE = 200
 #: settings that do not change what a run computes: a resumed run may differ in them
 NOT_IDENTITY = ("output", "checkpoint_every", "checkpoint_minutes")
+#: how the base model is loaded: also flags of `evaluate` and `compare`
+LOADING_SETTINGS = ("dtype", "load_in_4bit", "load_in_8bit")
 
 
 @dataclass
@@ -53,6 +55,11 @@ class TrainSettings:
     scoring: str = _setting("letter", "how choices are scored", choices=["letter", "cloze"])
     normalization: str = _setting("mean", "cloze: mean or sum of the answer's token log-probabilities", choices=["mean", "sum"])
     output: str = _setting(None, "run directory: adapter, checkpoints, logs, results")
+    # base model weights (adapters stay fp32)
+    dtype: str = _setting("fp32", "dtype of the base model's weights", choices=list(DTYPES))
+    load_in_4bit: bool = _setting(False, "load the base model 4-bit (bitsandbytes NF4; --dtype is the compute dtype)",
+                                  action="store_true")
+    load_in_8bit: bool = _setting(False, "load the base model 8-bit (bitsandbytes)", action="store_true")
     # adapter
     r: int = _setting(8, "LoRA rank", type=int)
     lora_alpha: float = _setting(16.0, "LoRA alpha (scaling alpha / r)", type=float)
@@ -85,7 +92,11 @@ class TrainSettings:
     label_smoothing: float = _setting(0.0, "label smoothing over the choices (released code: 0.05)", type=float)
     entropy_bonus: float = _setting(0.0, "subtract this times the predictive entropy (released code: 0.05)", type=float)
     # selection and evaluation
+    select_epoch: str = _setting("best", "keep the epoch with the best validation NLL, or the last one (then "
+                                         "validation runs once, at the end)", choices=["best", "last"])
     early_stopping: int | None = _setting(None, "stop after this many epochs without a better validation NLL", type=int)
+    adapter_from: str | None = _setting(None, "a finished run whose trained adapter this run fits post hoc, "
+                                              "without training (a post-hoc method reusing its base method's run)")
     samples: int | None = _setting(None, "predictive samples at evaluation (default: the method's)", type=int)
     eval_batch_size: int = _setting(16, "questions per evaluation forward", type=int)
     zero_shot: bool = _setting(True, "also evaluate the base model before training", action=argparse.BooleanOptionalAction)
@@ -95,6 +106,15 @@ class TrainSettings:
                                          "checkpoint (0 = off)", type=float)
     truncate_left: bool = _setting(False, "shorten questions longer than the model's context from the left "
                                    "(default: refuse them)", action="store_true")
+
+    @property
+    def quantization(self) -> str | None:
+        """"4bit", "8bit" or None, as `models.load_model` takes it."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+    def loading(self) -> dict[str, Any]:
+        """The keyword arguments of `models.load_model` (and what a run folder records of them)."""
+        return {"dtype": self.dtype, "quantization": self.quantization}
 
     def run_identity(self) -> dict[str, Any]:
         """What defines the run: a directory holding a different one is not reused silently.
@@ -140,6 +160,26 @@ def given_settings(args: argparse.Namespace, names: tuple[str, ...] | None = Non
     """The settings given as flags (`names`: these only); a flag left out is absent from `args`."""
     names = names if names is not None else tuple(setting.name for setting in dataclasses.fields(TrainSettings))
     return {name: value for name, value in vars(args).items() if name in names}
+
+
+def check_loading_settings(dtype: str, load_in_4bit: bool, load_in_8bit: bool) -> None:
+    for name, value in (("load_in_4bit", load_in_4bit), ("load_in_8bit", load_in_8bit)):
+        if not isinstance(value, bool):
+            raise UsageError(f"{name} must be true or false, got {value!r}")
+    if load_in_4bit and load_in_8bit:
+        raise UsageError("--load-in-4bit and --load-in-8bit exclude each other")
+    check_loading(dtype, "4bit" if load_in_4bit else "8bit" if load_in_8bit else None)
+
+
+def loading_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The `load_model` keyword arguments the LOADING_SETTINGS flags gave (`evaluate`); absent ones left out."""
+    given = given_settings(args, LOADING_SETTINGS)
+    four, eight = given.get("load_in_4bit", False), given.get("load_in_8bit", False)
+    check_loading_settings(given.get("dtype", "fp32"), four, eight)
+    loading = {"dtype": given["dtype"]} if "dtype" in given else {}
+    if four or eight:
+        loading["quantization"] = "4bit" if four else "8bit"
+    return loading
 
 
 def make_settings(values: dict[str, Any]) -> TrainSettings:
@@ -208,17 +248,18 @@ def validate(settings: TrainSettings) -> None:
         raise UsageError("--output is required")
     if (s.task is None) == (s.task_file is None):
         raise UsageError("give exactly one of --task and --task-file")
+    check_loading_settings(s.dtype, s.load_in_4bit, s.load_in_8bit)
     if s.eval_file is not None and s.task_file is None:
         raise UsageError("--eval-file goes with --task-file (a registry task has its own evaluation split)")
     for path in (s.task_file, s.eval_file):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"no such file: {path}")
-    from bayeslora.methods import check_method_name  # the registry fills as method modules are imported
+    from bayeslora.methods import METHODS, check_method_name  # the registry fills as method modules are imported
 
     check_method_name(s.method)
     for setting in dataclasses.fields(TrainSettings):
         value = getattr(s, setting.name)
-        if setting.metadata.get("type") is float and not math.isfinite(value):
+        if setting.metadata.get("type") is float and value is not None and not math.isfinite(value):
             raise UsageError(f"{setting.name} must be a finite number, got {value}")
     positive = {"lr": s.lr, "epochs": s.epochs, "batch_size": s.batch_size, "grad_accum": s.grad_accum,
                 "r": s.r, "eval_batch_size": s.eval_batch_size, "checkpoint_every": s.checkpoint_every}
@@ -244,3 +285,8 @@ def validate(settings: TrainSettings) -> None:
         raise UsageError(f"lr_milestones must be positive epochs, got {s.lr_milestones}")
     if s.early_stopping is not None and s.validation_size == 0:
         raise UsageError("early_stopping needs a validation set (validation_size > 0)")
+    if s.early_stopping is not None and s.select_epoch == "last":
+        raise UsageError("early_stopping selects the best epoch; it cannot go with select_epoch last")
+    if s.adapter_from is not None and METHODS[s.method].post_hoc_of is None:
+        raise UsageError(f"adapter_from is for post-hoc methods ({', '.join(n for n, m in METHODS.items() if m.post_hoc_of)}); "
+                         f"{s.method} trains its own adapter")

@@ -96,3 +96,17 @@ def test_bayeslora_decays_plain_lora_factors_only():
     assert decayed | undecayed == {n for n, p in model.named_parameters() if p.requires_grad}
     asked = get_method("bayeslora", posterior_weight_decay=0.03)
     assert {g["weight_decay"] for g in asked.parameter_groups(asked.prepare(make_tiny_llama(0), dict(LORA)))} >= {0.03}
+
+
+def test_bayeslora_keeps_a_plain_lora_path_next_to_a_bayesian_q_proj_by_default():
+    from bayeslora.inducing import InducingFactor
+
+    def bayesian_targets(model):
+        return sorted({n.split(".")[-3] for n, m in model.named_modules() if isinstance(m, InducingFactor)})
+
+    method = get_method("bayeslora")
+    assert bayesian_targets(method.prepare(make_tiny_llama(0), dict(LORA))) == ["q_proj"]
+    only_v = {**LORA, "target_modules": ["v_proj"]}
+    assert bayesian_targets(method.prepare(make_tiny_llama(0), only_v)) == ["v_proj"]
+    both = get_method("bayeslora", bayesian_modules=["q_proj", "v_proj"])
+    assert bayesian_targets(both.prepare(make_tiny_llama(0), dict(LORA))) == ["q_proj", "v_proj"]

@@ -90,7 +90,7 @@ BAYESIAN_DAMAGE = {
     "no target_modules": (_edit_config(target_modules=_DELETE), "target_modules must be"),
     "targets not in the model": (_edit_config(target_modules=["nothing_proj"], bayesian_modules=["nothing_proj"]),
                                  "adapter_config.json: Target modules"),
-    "r does not match the weights": (_edit_config(r=8), "has shape [9, 4], expected [9, 8]"),
+    "r does not match the weights": (_edit_config(r=8), "lora_A.weight' has shape [4, 32], expected [8, 32]"),
     "inducing size does not match": (_edit_config(inducing_rows=5), "lora_A.d_row_raw' has shape [9], expected [5]"),
     "other target modules": (_edit_config(target_modules=["k_proj", "v_proj"], bayesian_modules=["k_proj"]),
                              "adapter_model.safetensors: missing tensor"),
@@ -105,10 +105,10 @@ BAYESIAN_DAMAGE = {
                         "adapter_model.safetensors: missing tensor"),
     "weights with an extra tensor": (_edit_tensors(lambda t: {**t, "base_model.model.extra.weight": torch.ones(2)}),
                                      "unexpected tensor 'base_model.model.extra.weight'"),
-    "weights missing": (lambda folder: (folder / "adapter_model.safetensors").unlink(), "adapter_model.safetensors: no such file"),
+    "weights missing": (lambda folder: (folder / "adapter_model.safetensors").unlink(), "has no adapter_model.safetensors"),
     "weights only as a pickle .bin": (lambda folder: (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin"),
                                       "pickle adapters are not read"),
-    "no config": (lambda folder: (folder / "adapter_config.json").unlink(), "adapter_config.json: no such file"),
+    "no config": (lambda folder: (folder / "adapter_config.json").unlink(), "has no adapter_config.json"),
 }
 
 
@@ -135,7 +135,7 @@ def test_damaged_bayesian_adapter_is_refused_by_the_python_loader(adapters, tmp_
     with pytest.raises((CorruptFileError, MissingFileError)) as raised:
         bayeslora.load_bayeslora_model(base, folder)
     assert isinstance(raised.value, ValueError)
-    assert message in str(raised.value) and str(raised.value).startswith(str(folder)) and "\n" not in str(raised.value)
+    assert message in str(raised.value) and str(folder) in str(raised.value) and "\n" not in str(raised.value)
 
 
 @pytest.mark.parametrize("name", list(BAYESIAN_DAMAGE))

@@ -19,7 +19,10 @@ metrics. A method contributes only what differs:
   None means its `default_samples`; deterministic methods give one draw and an
   ensemble one per member, whatever is asked;
 - `adjust_logits`: a transform of per-choice logits before the softmax
-  (temperature scaling).
+  (temperature scaling);
+- `fitted_state` / `load_fitted_state`: what `after_training` fitted beyond the
+  adapter weights peft saves (a temperature, Laplace factors), as tensors and
+  JSON values, so that a run folder restores the method (`bayeslora.runs`).
 
 Register a method with `@register_method`; look it up with `get_method(name)`.
 """
@@ -64,8 +67,13 @@ class Method:
     name: ClassVar[str]
     #: posterior / predictive samples at test time (1 for deterministic methods)
     default_samples: ClassVar[int] = 1
+    #: a post-hoc method names the method whose trained adapter it fits (`compare` reuses that run)
+    post_hoc_of: ClassVar[str | None] = None
     #: AdamW weight decay used by the training loop
     weight_decay: ClassVar[float] = 0.0
+    #: the method's adapter or fitted state is more than a plain peft LoRA adapter folder holds, so it is
+    #: restored from a run folder only (`bayeslora.runs`), never rebuilt around a bare adapter
+    needs_run_folder: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -75,7 +83,9 @@ class Method:
         raise NotImplementedError
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """AdamW parameter groups of the trainable parameters: one group with the method's weight decay by default."""
+        """AdamW parameter groups of the trainable parameters: one group with the method's weight decay by default.
+
+        A group may carry `lr_scale`, a multiplier of the training loop's learning rate for its parameters."""
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": self.weight_decay}]
 
     def regulariser(
@@ -115,3 +125,13 @@ class Method:
     def adjust_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-choice logits (questions x choices) -> logits fed to the softmax."""
         return logits
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What `after_training` fitted beyond the adapter weights: (named tensors, JSON-serialisable values)."""
+        return {}, {}
+
+    def load_fitted_state(self, model: nn.Module, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        """Put back what `fitted_state` returned, on a model rebuilt by `prepare` and loaded with the saved adapter.
+
+        A missing or malformed entry raises KeyError, TypeError or ValueError (the caller names the run folder).
+        """

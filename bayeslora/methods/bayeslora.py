@@ -19,6 +19,7 @@ the library's defaults or, with `constants="paper"`, the published constants.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any, ClassVar, ContextManager
 
@@ -29,10 +30,17 @@ import bayeslora
 from bayeslora.errors import UsageError
 from bayeslora.methods.base import PREDICTIVE_SAMPLES, Method, register_method
 from bayeslora.methods.lora import LORA_KEYS
+from bayeslora.methods.mcdropout import active_lora_dropout
 
 
 #: option `constants`: the library's defaults, or the published ones (`BayesLoraConfig.paper`)
 CONSTANTS = {"default": bayeslora.BayesLoraConfig, "paper": bayeslora.BayesLoraConfig.paper}
+
+
+#: without `bayesian_modules`, only this target is Bayesian when it is a target and the others keep plain
+#: LoRA factors, as in the released code (q_proj Bayesian, v_proj plain): with every target Bayesian the
+#: model did not fit in the calibration benchmark (docs/method.md, "Defaults")
+DEFAULT_BAYESIAN_TARGET = "q_proj"
 
 
 @register_method
@@ -41,23 +49,34 @@ class BayesLora(Method):
     default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
     weight_decay: ClassVar[float] = 0.01
 
-    def __init__(self, constants: str = "default", posterior_weight_decay: float = 0.0, **options: Any) -> None:
+    def __init__(self, constants: str = "default", posterior_weight_decay: float = 0.0, scale_lr: float = 10.0,
+                 dropout_at_evaluation: bool = False, **options: Any) -> None:
         if constants not in CONSTANTS:
             raise UsageError(f"bayeslora constants must be one of {', '.join(CONSTANTS)}, got {constants!r}")
         super().__init__(**options)
-        self.constants, self.posterior_weight_decay = constants, posterior_weight_decay
+        self.constants, self.posterior_weight_decay, self.scale_lr = constants, posterior_weight_decay, scale_lr
+        self.dropout_at_evaluation = dropout_at_evaluation
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        posterior = {id(p) for factor in bayeslora.adapter.bayesian_factors(model) for p in factor.parameters()}
+        factors = list(bayeslora.adapter.bayesian_factors(model))
+        scales = {id(p) for factor in factors for p in (factor.u_sd_raw, factor.lambda_raw)}
+        posterior = {id(p) for factor in factors for p in factor.parameters()} - scales
         trainable = [p for p in model.parameters() if p.requires_grad]
         return [
-            {"params": [p for p in trainable if id(p) not in posterior], "weight_decay": self.weight_decay},
+            {"params": [p for p in trainable if id(p) not in posterior | scales], "weight_decay": self.weight_decay},
             {"params": [p for p in trainable if id(p) in posterior], "weight_decay": self.posterior_weight_decay},
+            # lambda and the q0 sds: Adam moves a parameter by about lr per step, and these start far from
+            # where the ELBO puts them; lr_scale multiplies the loop's learning rate for this group
+            {"params": [p for p in trainable if id(p) in scales], "weight_decay": self.posterior_weight_decay,
+             "lr_scale": self.scale_lr},
         ]
 
     def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         settings = {key: lora[key] for key in LORA_KEYS if key in lora}
-        return bayeslora.get_bayeslora_model(model, CONSTANTS[self.constants](**settings, **self.options))
+        options = dict(self.options)
+        if "bayesian_modules" not in options and DEFAULT_BAYESIAN_TARGET in settings.get("target_modules", ()):
+            options["bayesian_modules"] = [DEFAULT_BAYESIAN_TARGET]
+        return bayeslora.get_bayeslora_model(model, CONSTANTS[self.constants](**settings, **options))
 
     def regulariser(
         self, model: nn.Module, n_train: int, step_in_epoch: int = 0, batches_per_epoch: int = 1
@@ -66,4 +85,12 @@ class BayesLora(Method):
 
     def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
         for sample in range(self.sample_count(n_samples)):
-            yield bayeslora.sampling(model, "sample", seed=seed + sample, hold=True)
+            yield self._draw(model, seed + sample)
+
+    @contextlib.contextmanager
+    def _draw(self, model: nn.Module, seed: int) -> Iterator[None]:
+        """One held posterior draw; with `dropout_at_evaluation`, LoRA dropout active too (the released code
+        scores its draws in train mode, which mixes MC-dropout into the predictive: an ablation, not the method)."""
+        dropout = active_lora_dropout(model, seed) if self.dropout_at_evaluation else contextlib.nullcontext()
+        with dropout, bayeslora.sampling(model, "sample", seed=seed, hold=True):
+            yield
