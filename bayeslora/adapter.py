@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from bayeslora.errors import CorruptFileError
 from bayeslora.files import write_files_atomically
 from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
 from bayeslora.layer import BayesianFactors
-from bayeslora.saved_files import read_json_object, read_tensors
+from bayeslora.saved_files import check_tensors, read_json_object, read_tensors
 
 
 def get_bayeslora_model(model: nn.Module, config: BayesLoraConfig, adapter_name: str = "default") -> PeftModel:
@@ -194,7 +194,20 @@ def _adapter_and_weights(
     if pickled.is_file() and not pickled.with_name(ADAPTER_WEIGHTS).is_file():
         raise CorruptFileError(f"{pickled}: pickle adapters are not read; re-save it as {ADAPTER_WEIGHTS} (peft's default)")
     weights = adapter_file(name_or_path, ADAPTER_WEIGHTS, **hub_options)
-    return peft_model, read_tensors(weights, get_peft_model_state_dict(peft_model, adapter_name=adapter_name))
+    tensors = read_tensors(weights)
+    check_tensors(weights, tensors, expected_adapter_tensors(peft_model, adapter_name, tensors))
+    return peft_model, tensors
+
+
+def expected_adapter_tensors(peft_model: PeftModel, adapter_name: str, saved: Mapping[str, torch.Tensor]) -> dict:
+    """What a saved adapter of `peft_model` must hold: peft's state dict of the adapter, except the posterior-mean
+    `weight` of a Bayesian factor when `saved` lacks it (derived on saving for plain peft, never loaded; adapters
+    saved before it was added do not have it)."""
+    expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    suffix = f".{adapter_name}"
+    derived = {name.removesuffix(suffix) + ".weight" for name, module in peft_model.named_modules()
+               if isinstance(module, InducingFactor) and name.endswith(suffix)}
+    return {key: value for key, value in expected.items() if key not in derived or key in saved}
 
 
 def check_adapter(name_or_path: str | os.PathLike, model_config: PretrainedConfig, **hub_options: Any) -> None:

@@ -25,10 +25,11 @@ from typing import Any, Sequence
 
 import torch
 from peft import PeftModel
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import set_peft_model_state_dict
 from safetensors.torch import save
 from torch import nn
 
+from bayeslora.adapter import expected_adapter_tensors
 from bayeslora.errors import CorruptFileError, MissingFileError, UsageError
 from bayeslora.files import write_atomically
 from bayeslora.methods import Method, get_method
@@ -120,7 +121,7 @@ def load_adapter_weights(
         if adapter not in weights:
             raise UsageError(f"run folder {str(directory)!r} lacks {weights_file.relative_to(directory)}")
         try:  # every tensor of this adapter, nothing else, the shapes of this method's adapter
-            check_tensors(weights_file, weights[adapter], get_peft_model_state_dict(model, adapter_name=adapter))
+            check_tensors(weights_file, weights[adapter], expected_adapter_tensors(model, adapter, weights[adapter]))
         except CorruptFileError as error:
             raise CorruptFileError(f"{error} (not an adapter of method {method_name})") from None
         set_peft_model_state_dict(model, weights[adapter], adapter_name=adapter)
