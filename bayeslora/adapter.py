@@ -23,6 +23,7 @@ from torch import nn
 
 from bayeslora.config import BayesLoraConfig, names_module
 from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
+from bayeslora.kl_guard import note_kl_computed
 from bayeslora.layer import BayesLoraLinear
 
 
@@ -97,6 +98,7 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
     groups = factor_groups(model)
     if not groups:
         raise ValueError("the model has no Bayesian factors (was it built with get_bayeslora_model?)")
+    note_kl_computed(factor for group in groups for factor in group)
     return torch.stack([kl_terms(group).sum() for group in groups]).sum()
 
 

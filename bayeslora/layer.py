@@ -16,6 +16,7 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 
 from bayeslora.inducing import InducingFactor
+from bayeslora.kl_guard import watch_for_missing_kl
 
 
 class BayesLoraLinear(LoraLinear):
@@ -28,6 +29,7 @@ class BayesLoraLinear(LoraLinear):
         settings = config.factor_settings()
         self.lora_A[adapter_name] = InducingFactor(r, self.in_features, **settings).to(device)
         self.lora_B[adapter_name] = InducingFactor(self.out_features, r, **settings).to(device)
+        watch_for_missing_kl(self.lora_A[adapter_name])
         # the new factors must follow peft's trainable / frozen state of this adapter
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
