@@ -44,6 +44,7 @@ from torch import nn
 from transformers import Trainer
 
 import bayeslora
+from bayeslora.adapter import draw_all_factors
 from bayeslora.predictive import entropy, log_mean_exp
 from bayeslora.schedules import KL_WEIGHTINGS, KLWeighting
 
@@ -128,8 +129,15 @@ class BayesLoraTrainerMixin:
 
     # ----- one held draw per micro-batch, KL added to the loss --------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
-        # held through forward and backward: activation checkpointing recomputes with the same draw
+        step = self.state.global_step
+        samples = self.kl_schedule.spread_samples
+        if samples and step != self._spread_step and step % self.state.logging_steps == 0:
+            self._spread_step = step  # once per logged step, on its first micro-batch
+            self._spreads.append(predictive_spread(self.model, self._prepare_inputs(inputs), samples, seed=step))
+        # one draw of every factor, made here, outside any activation-checkpointed block, and held through the
+        # forward and backward passes: recomputation reuses it instead of drawing inside the checkpoint
         with bayeslora.sampling(self.model, "sample", hold=True):
+            draw_all_factors(self.model)
             return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -137,10 +145,6 @@ class BayesLoraTrainerMixin:
         if not model.training:  # evaluation inside the Trainer: the task loss only
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         step = self.state.global_step
-        schedule = self.kl_schedule
-        if schedule.spread_samples and step != self._spread_step and step % self.state.logging_steps == 0:
-            self._spread_step = step  # once per logged step, on its first micro-batch, before the training draw
-            self._spreads.append(predictive_spread(self.model, inputs, schedule.spread_samples, seed=step))
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         task_loss, outputs = result if return_outputs else (result, None)
 
