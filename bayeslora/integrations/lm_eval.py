@@ -17,8 +17,10 @@ over N = `samples` posterior draws, draw s seeded with `seed + s` and held for e
 each multiple-choice question is scored by one mixture of the same N models. `is_greedy` asks
 whether every continuation token is the most likely token of the draw-averaged next-token
 distribution. The context is encoded with the tokenizer's special tokens and the continuation
-without, separately, exactly as `bayeslora.scoring`'s cloze scorer does; so a task's `acc` is the
-cloze accuracy with sum normalisation and `acc_norm` lm-eval's own length normalisation.
+without, separately, exactly as `bayeslora.scoring`'s cloze scorer does; with one draw a task's
+`acc` is the cloze accuracy with sum normalisation. With several, lm-eval picks the choice whose
+text is most probable under the mixture; `bayeslora evaluate` mixes each draw's softmax over the
+choices instead, which lm-eval cannot do (it scores every continuation on its own).
 Generation and rolling log-likelihood (perplexity) tasks are not supported.
 """
 
@@ -65,6 +67,8 @@ class BayesLoraLM(LM):
             raise UsageError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         base, self.tokenizer = load_model(pretrained, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # lm-eval's default is cuda:0
+            raise UsageError(f"device {device!r} asked for, but CUDA is not available: pass --device cpu")
         self.model = bayeslora.load_bayeslora_model(base, adapter).to(device).eval()
         self.samples, self.seed, self.batch_size = samples, seed, int(batch_size)
         self.max_length = getattr(self.model.config, "max_position_embeddings", None)
