@@ -23,7 +23,7 @@ class BayesLoraConfig(LoraConfig):
     matrix per factor, prior_sd 0.1 (prior scale prior_sd / sqrt(d_in)), lambda
     initialised at 1e-3 and clamped at 0.03, q0 standard deviation initialised
     at 1e-3 and clamped at 0.1, a row-wise masked autoregressive flow of hidden
-    width 16 with two residual blocks followed by an element-wise affine layer.
+    width 16 with two residual blocks.
     """
 
     bayesian_modules: Optional[Union[list[str], str]] = field(
@@ -40,10 +40,6 @@ class BayesLoraConfig(LoraConfig):
     flow: bool = field(default=True, metadata={"help": "Push q0 through a row-wise masked autoregressive flow."})
     flow_hidden: int = field(default=16, metadata={"help": "Hidden width of the flow's conditioner."})
     flow_blocks: int = field(default=2, metadata={"help": "Residual blocks in the flow's conditioner."})
-    flow_output_affine: bool = field(
-        default=True,
-        metadata={"help": "Element-wise affine layer after the flow (18 parameters at 9 columns; reference count)."},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,5 +86,4 @@ class BayesLoraConfig(LoraConfig):
             "flow": self.flow,
             "flow_hidden": self.flow_hidden,
             "flow_blocks": self.flow_blocks,
-            "flow_output_affine": self.flow_output_affine,
         }

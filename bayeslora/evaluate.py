@@ -24,6 +24,7 @@ from torch import nn
 import bayeslora
 from bayeslora.errors import UsageError
 from bayeslora.methods import Method, get_method
+from bayeslora.diagnostics import draw_disagreement
 from bayeslora.metrics import all_metrics
 from bayeslora.models import DEFAULT_MODEL, load_model, load_tokenizer
 from bayeslora.plots import save_reliability_diagram
@@ -85,6 +86,7 @@ def evaluate(
         "seed": seed,
         "n_examples": len(questions),
         **all_metrics(predictions.probs, predictions.answers),
+        **draw_disagreement(predictions),
         "seconds": seconds,
         "units": {
             "accuracy_percent": "percent",
@@ -92,6 +94,8 @@ def evaluate(
             "mce_percent": "percent, 15 equal-width confidence bins",
             "nll": "nats per question",
             "brier": "sum over choices, per question",
+            "mutual_information": "nats per question (mean; _wrong / _right: over wrongly / rightly answered ones)",
+            "draw_spread": "standard deviation over draws of a choice's log-probability, mean over choices and questions",
             "seconds": "wall-clock seconds of scoring",
         },
     }

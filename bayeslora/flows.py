@@ -16,11 +16,8 @@ which is what variational inference needs: draw `V0`, transform, and know the
 log-determinant of the draw. The output layer starts at zero, so the flow
 starts as the identity and the initial posterior is exactly `q0`.
 
-With `output_affine=True` an element-wise affine layer (a learned scale and
-shift per feature, 2 x features parameters) follows the autoregressive
-transform; with 9 features, hidden width 16 and two residual blocks the flow
-then has 1,554 + 18 parameters, the setting that reproduces the paper's
-parameter count (see `BayesLoraConfig.flow_output_affine`).
+With 9 features, hidden width 16 and two residual blocks the flow has 1,554
+parameters, as in the released code.
 
 All G flows of the same shape in a model run as one batched computation
 (`apply_stacked`), which is what keeps the adapter's per-step overhead small.
@@ -61,7 +58,7 @@ class MaskedLinear(nn.Linear):
 class RowwiseAutoregressiveFlow(nn.Module):
     """Affine masked autoregressive transform applied to every row of a matrix."""
 
-    def __init__(self, features: int, hidden: int = 16, blocks: int = 2, output_affine: bool = False) -> None:
+    def __init__(self, features: int, hidden: int = 16, blocks: int = 2) -> None:
         super().__init__()
         self.features = features
         input_degrees = torch.arange(1, features + 1)
@@ -78,10 +75,6 @@ class RowwiseAutoregressiveFlow(nn.Module):
         self.output_layer = MaskedLinear(hidden, 2 * features, output_degrees[:, None] > hidden_degrees[None, :])
         nn.init.zeros_(self.output_layer.weight)
         nn.init.zeros_(self.output_layer.bias)
-        self.output_affine = output_affine
-        if output_affine:
-            self.affine_log_scale = nn.Parameter(torch.zeros(features))
-            self.affine_shift = nn.Parameter(torch.zeros(features))
 
     def forward(self, v0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows x features -> (transformed rows, total log|det Jacobian| as a scalar)."""
@@ -98,9 +91,4 @@ class RowwiseAutoregressiveFlow(nn.Module):
             inner = block["first"].apply_stacked(params, f"blocks.{index}.first.", F.relu(h))
             h = h + block["second"].apply_stacked(params, f"blocks.{index}.second.", F.relu(inner))
         shift, log_scale = self.output_layer.apply_stacked(params, "output_layer.", h).chunk(2, dim=-1)
-        v = v0 * torch.exp(log_scale) + shift
-        log_det = log_scale.sum(dim=(-2, -1))
-        if self.output_affine:
-            v = v * torch.exp(params["affine_log_scale"]).unsqueeze(1) + params["affine_shift"].unsqueeze(1)
-            log_det = log_det + v0.shape[1] * params["affine_log_scale"].sum(-1)
-        return v, log_det
+        return v0 * torch.exp(log_scale) + shift, log_scale.sum(dim=(-2, -1))

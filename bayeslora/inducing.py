@@ -58,6 +58,7 @@ from torch import nn
 from bayeslora.flows import RowwiseAutoregressiveFlow, stack_parameters
 
 SAMPLE, MEAN = "sample", "mean"
+Z_PERTURBATION = 0.01  # the released code's alpha_row = alpha_col
 SAMPLING_MODES = (SAMPLE, MEAN)
 
 
@@ -102,7 +103,6 @@ class InducingFactor(nn.Module):
         flow: bool = True,
         flow_hidden: int = 16,
         flow_blocks: int = 2,
-        flow_output_affine: bool = True,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
@@ -112,15 +112,18 @@ class InducingFactor(nn.Module):
         self.z_col = nn.Parameter(torch.randn(inducing_cols, in_features) / math.sqrt(inducing_cols))
         self.d_row_raw = nn.Parameter(torch.full((inducing_rows,), inverse_softplus(1e-3)))
         self.d_col_raw = nn.Parameter(torch.full((inducing_cols,), inverse_softplus(1e-3)))
+        # the released code's learned perturbation scale of each inducing location (see `_perturbed`)
+        self.z_row_rho = nn.Parameter(torch.full((inducing_rows,), inverse_softplus(1e-3)))
+        self.z_col_rho = nn.Parameter(torch.full((inducing_cols,), inverse_softplus(1e-3)))
         self.u_mean = nn.Parameter(torch.randn(inducing_rows, inducing_cols))
         self.u_sd_raw = nn.Parameter(torch.full((inducing_rows, inducing_cols), inverse_softplus(sd_init)))
         self.lambda_raw = nn.Parameter(torch.tensor(inverse_softplus(lambda_init)))
         self.flow = (
-            RowwiseAutoregressiveFlow(inducing_cols, flow_hidden, flow_blocks, flow_output_affine) if flow else None
+            RowwiseAutoregressiveFlow(inducing_cols, flow_hidden, flow_blocks) if flow else None
         )
         # everything that must agree for factors to be drawn as one batch, except the device
         self._batch_key = (out_features, in_features, inducing_rows, inducing_cols, self.prior_scale, max_lambda,
-                           max_sd_u, flow and (flow_hidden, flow_blocks, flow_output_affine))
+                           max_sd_u, flow and (flow_hidden, flow_blocks))
         self.reset_sampling()
 
     def signature(self) -> tuple:
@@ -179,6 +182,16 @@ def _flow_parameters(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {name.removeprefix("flow."): value for name, value in params.items() if name.startswith("flow.")}
 
 
+def _perturbed(z: torch.Tensor, rho: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Z + 0.01 * eps * softplus(rho) per inducing location, eps ~ U[0, 1): the released code's Z perturbation.
+
+    As there, the perturbed locations enter only the prior covariance K = Z Z^T + D^2 (and so its
+    Cholesky factor) of a posterior draw; the projections use Z itself, and the mean mode none.
+    """
+    eps = torch.rand(z.shape, generator=generator, device=z.device)
+    return z + Z_PERTURBATION * eps * F.softplus(rho)[..., None]
+
+
 def _jittered_cholesky(k: torch.Tensor) -> torch.Tensor:
     jitter = 1e-5 * k.diagonal(dim1=-2, dim2=-1).mean(-1)
     eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
@@ -197,8 +210,11 @@ def draw_weights(
     with _fp32_region(template.u_mean):
         p = _stacked(factors)
         d_row, d_col = F.softplus(p["d_row_raw"]), F.softplus(p["d_col_raw"])
-        chol_row = _jittered_cholesky(p["z_row"] @ p["z_row"].mT + torch.diag_embed(d_row.square()))
-        chol_col = _jittered_cholesky(p["z_col"] @ p["z_col"].mT + torch.diag_embed(d_col.square()))
+        z_row, z_col = p["z_row"], p["z_col"]
+        if mode == SAMPLE:
+            z_row, z_col = _perturbed(z_row, p["z_row_rho"], generator), _perturbed(z_col, p["z_col_rho"], generator)
+        chol_row = _jittered_cholesky(z_row @ z_row.mT + torch.diag_embed(d_row.square()))
+        chol_col = _jittered_cholesky(z_col @ z_col.mT + torch.diag_embed(d_col.square()))
         a_row = torch.linalg.solve_triangular(chol_row, p["z_row"], upper=False)  # L_r^-1 Z_r : G x m_r x d_out
         a_col = torch.linalg.solve_triangular(chol_col, p["z_col"], upper=False)  # L_c^-1 Z_c : G x m_c x d_in
 
@@ -226,17 +242,27 @@ def draw_weights(
         return template.prior_scale * (a_row.mT @ (v - lam * v_bar) @ a_col + lam * e1)
 
 
-def kl_terms(factors: Sequence[InducingFactor]) -> torch.Tensor:
-    """KL(q || p) of each of G factors of one signature, shape (G,)."""
+def kl_parts(factors: Sequence[InducingFactor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inducing KL, conditional KL) of each of G factors of one signature, each of shape (G,).
+
+    The inducing part is KL(q(V) || N(0, I)) (closed form plus the flow's one-sample correction);
+    the conditional part is (d_out d_in / 2)(lambda^2 - 1 - 2 log lambda), which does not depend on U.
+    """
     template = factors[0]
     with _fp32_region(template.u_mean):
         p = _stacked(factors)
         mean = p["u_mean"]
         sd = F.softplus(p["u_sd_raw"]).clamp(max=template.max_sd_u)
-        kl = gaussian_kl_to_standard(mean, sd)
+        inducing = gaussian_kl_to_standard(mean, sd)
         if template.flow is not None:
             v0 = mean + sd * torch.randn_like(mean)
             v, log_det = template.flow.apply_stacked(_flow_parameters(p), v0)
-            kl = kl + 0.5 * (v.square().sum(dim=(-2, -1)) - v0.square().sum(dim=(-2, -1))) - log_det
+            inducing = inducing + 0.5 * (v.square().sum(dim=(-2, -1)) - v0.square().sum(dim=(-2, -1))) - log_det
         lam = F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda)
-        return kl + conditional_kl(template.out_features * template.in_features, lam)
+        return inducing, conditional_kl(template.out_features * template.in_features, lam)
+
+
+def kl_terms(factors: Sequence[InducingFactor]) -> torch.Tensor:
+    """KL(q || p) of each of G factors of one signature, shape (G,)."""
+    inducing, conditional = kl_parts(factors)
+    return inducing + conditional

@@ -8,6 +8,8 @@ for deterministic methods) with per-choice logits z_s:
     entropy    H[p̄]            = -sum_c p̄_c log p̄_c
     expected   E_s H[p_s]      = -(1/S) sum_s sum_c p_sc log p_sc
     mutual information  MI     = H[p̄] - E_s H[p_s]   (>= 0; the epistemic part)
+    draw spread         sd_s(log p_sc), averaged over the question's choices
+                        (how far the draws' choice log-probabilities disagree)
 
 All in nats. Each draw is one context from `method.draws(model, n_samples, seed)`;
 every question is scored inside it, so all choices of a question (and every
@@ -41,6 +43,7 @@ class Predictions:
     entropy: torch.Tensor
     expected_entropy: torch.Tensor
     mutual_information: torch.Tensor
+    draw_spread: torch.Tensor
     answers: torch.Tensor
     n_samples: int
 
@@ -66,9 +69,20 @@ def summarise_draws(log_probs: torch.Tensor, answers: torch.Tensor) -> Predictio
         expected_entropy=expected,
         # clamp: equal in exact arithmetic for a single draw; rounding must not make MI negative
         mutual_information=(total - expected).clamp(min=0),
+        draw_spread=_draw_spread(log_probs),
         answers=answers,
         n_samples=log_probs.shape[0],
     )
+
+
+def _draw_spread(log_probs: torch.Tensor) -> torch.Tensor:
+    """[S, N, C] -> [N]: standard deviation over draws of each choice's log-probability, mean over the
+    choices that are finite in every draw (padding is -inf everywhere)."""
+    real = torch.isfinite(log_probs).all(0)
+    if log_probs.shape[0] == 1:
+        return torch.zeros(log_probs.shape[1])
+    spread = log_probs.masked_fill(~real, 0.0).std(dim=0, correction=0)
+    return (spread * real).sum(-1) / real.sum(-1)
 
 
 def _text_length(question: Question) -> int:

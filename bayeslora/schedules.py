@@ -14,8 +14,8 @@ to the mean NLL, where a Bayesian method's regulariser is `KL / divisor`:
 - `beta` (default): `beta * ramp * KL / N_train`, `ramp` rising linearly from 1/W to 1
   over the first W steps (or epochs) and 1 afterwards; W = 0 means no warm-up. This is
   the ELBO per training example (beta = 1).
-- `released`: `0.1 * KL / batches_per_epoch`, switched on from epoch 2 (the released
-  code's weighting; it weighs the KL by 0.1 * N_train / batches_per_epoch = 0.1 * batch
+- `released`: `0.1 * KL / batches_per_epoch`, switched on from 0-based epoch index 2, i.e.
+  the third epoch, after the first LR cut (the released code's `if ep >= 2`; it weighs the KL by 0.1 * N_train / batches_per_epoch = 0.1 * batch
   size times the ELBO's weight).
 """
 
@@ -65,7 +65,7 @@ class KLWeighting:
         """The factor multiplying `regulariser(model, self.divisor)` at this step."""
         epoch = step // self.steps_per_epoch  # 0-based
         if self.kind == "released":
-            return 0.1 if epoch >= 1 else 0.0
+            return 0.1 if epoch >= 2 else 0.0
         if self.warmup == 0:
             return self.beta
         progress = step if self.warmup_unit == "steps" else epoch

@@ -200,7 +200,7 @@ def _fit_member(
 
     unwrapped = model.to(accelerator.device)
     parameters = [p for p in unwrapped.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=s.lr, weight_decay=method.weight_decay)
+    optimizer = torch.optim.AdamW(method.parameter_groups(unwrapped), lr=s.lr)
     scheduler = lr_scheduler(optimizer, s.lr_schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                              warmup_steps=s.warmup_steps, milestones=tuple(s.lr_milestones))
     kl = KLWeighting(s.kl_weighting, s.beta, s.kl_warmup, s.kl_warmup_unit, len(train_questions), steps_per_epoch)

@@ -161,6 +161,31 @@ def test_batched_group_equals_factor_by_factor():
         for factor, mean in zip(group, means):
             assert torch.allclose(mean, factor.mean_weight(), atol=1e-6)
         for factor in group:  # identity flows: the KL is deterministic, so batched and single must agree
-            for parameter in [*factor.flow.output_layer.parameters(), factor.flow.affine_log_scale, factor.flow.affine_shift]:
+            for parameter in factor.flow.output_layer.parameters():
                 parameter.zero_()
         assert torch.allclose(kl_terms(group), torch.stack([f.kl_divergence() for f in group]), rtol=1e-6)
+
+
+def test_z_perturbation_has_the_released_codes_uniform_moments():
+    """Z + 0.01 * eps * softplus(rho), eps ~ U[0, 1): mean Z + 0.005 s, variance (0.01 s)^2 / 12 per entry."""
+    from bayeslora.inducing import Z_PERTURBATION, _perturbed
+
+    z = torch.zeros(2, 200_000)
+    rho = torch.tensor([0.0, 3.0])
+    scale = torch.nn.functional.softplus(rho)[:, None]
+    generator = torch.Generator().manual_seed(0)
+    draws = _perturbed(z, rho, generator)
+    assert torch.allclose(draws.mean(1, keepdim=True), Z_PERTURBATION * scale / 2, rtol=1e-2)
+    assert torch.allclose(draws.var(1, keepdim=True), (Z_PERTURBATION * scale) ** 2 / 12, rtol=2e-2)
+
+
+def test_z_perturbation_acts_on_draws_only():
+    torch.manual_seed(5)
+    factor = InducingFactor(6, 4, 3, 3, flow=False)
+    mean = factor.mean_weight()
+    with torch.no_grad():
+        factor.z_row_rho.fill_(50.0)  # a perturbation as large as the locations themselves
+    assert torch.equal(factor.mean_weight(), mean)
+    draw = factor.sample_weight(torch.Generator().manual_seed(1))
+    draw.sum().backward()
+    assert factor.z_row_rho.grad.abs().sum() > 0

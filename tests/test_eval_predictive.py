@@ -36,6 +36,15 @@ def test_hand_computed_two_draw_mixture():
     assert result.n_samples == 2
 
 
+def test_draw_spread_is_the_standard_deviation_over_draws_of_real_choices():
+    # one question, choices a, b and a padded c; draws give log p = (-1, -2) and (-3, -0.5)
+    pad = float("-inf")
+    log_probs = torch.tensor([[[-1.0, -2.0, pad]], [[-3.0, -0.5, pad]]])
+    spread = summarise_draws(log_probs, torch.tensor([0])).draw_spread
+    assert spread.item() == pytest.approx((1.0 + 0.75) / 2)  # population sd of (-1, -3) is 1, of (-2, -0.5) 0.75
+    assert summarise_draws(log_probs[:1], torch.tensor([0])).draw_spread.item() == 0.0
+
+
 class ScaledDraws(Method):
     """A toy stochastic method: draw s multiplies the model's logits by (s + 1); temperature 2 afterwards."""
 

@@ -81,3 +81,18 @@ def test_ensemble_members_train_independently_and_predict_as_separate_adapters()
 def test_ensemble_rejects_zero_members():
     with pytest.raises(UsageError, match="members must be >= 1, got 0"):
         get_method("ensemble", members=0)
+
+
+def test_bayeslora_decays_plain_lora_factors_only():
+    """Weight decay on the variational parameters would change the objective away from the ELBO."""
+    method = get_method("bayeslora", bayesian_modules=["q_proj"])
+    model = method.prepare(make_tiny_llama(0), {**LORA, "target_modules": ["q_proj", "v_proj"]})
+    groups = method.parameter_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for group in groups if group["weight_decay"] > 0 for p in group["params"]}
+    undecayed = {names[id(p)] for group in groups if group["weight_decay"] == 0 for p in group["params"]}
+    assert decayed and all("v_proj" in name for name in decayed)
+    assert undecayed and all("q_proj" in name for name in undecayed)
+    assert decayed | undecayed == {n for n, p in model.named_parameters() if p.requires_grad}
+    asked = get_method("bayeslora", posterior_weight_decay=0.03)
+    assert {g["weight_decay"] for g in asked.parameter_groups(asked.prepare(make_tiny_llama(0), dict(LORA)))} >= {0.03}

@@ -42,7 +42,8 @@ def test_beta_weighting_with_warmup_in_steps_and_epochs():
     assert plain.weight(0) == 2.0
 
 
-def test_released_weighting_is_a_tenth_per_batch_from_epoch_two():
+def test_released_weighting_is_a_tenth_per_batch_from_epoch_index_two():
+    """train_script.py of the released code: `if ep >= 2:` (0-based) adds 0.1 * KL / len(train_loader)."""
     released = KLWeighting("released", beta=1.0, warmup=0, warmup_unit="steps", n_train=96, steps_per_epoch=12)
     assert released.divisor == 12
-    assert [released.weight(s) for s in (0, 11, 12, 40)] == [0.0, 0.0, 0.1, 0.1]
+    assert [released.weight(s) for s in (0, 11, 12, 23, 24, 40)] == [0.0, 0.0, 0.0, 0.0, 0.1, 0.1]

@@ -5,6 +5,7 @@ logits), the same training loop, the same predictive averaging and the same
 metrics. A method contributes only what differs:
 
 - `prepare`: how its adapter is built on the base model (a peft model);
+- `parameter_groups`: how the optimizer treats its trainable parameters (weight decay);
 - `regulariser`: what it adds to the mean task NLL of a training step
   (e.g. Bayesian-LoRA's beta * KL / N_train);
 - `members`: independently trained copies (an ensemble's members); the
@@ -67,6 +68,10 @@ class Method:
     def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         """Wrap the base causal LM with this method's adapter; `lora` holds r, lora_alpha, lora_dropout, target_modules."""
         raise NotImplementedError
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """AdamW parameter groups of the trainable parameters: one group with the method's weight decay by default."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": self.weight_decay}]
 
     def regulariser(
         self, model: nn.Module, n_train: int, step_in_epoch: int = 0, batches_per_epoch: int = 1

@@ -6,7 +6,10 @@ Adaptation of Large Language Models", ICML 2026 (see docs/METHOD and
 factor, trained by VI:
     loss = mean NLL + beta_t * KL / N_train,
 where this method returns KL / N_train and the training loop applies its
-beta schedule. Weight decay 0.01 (the released settings use 0.01-0.03).
+beta schedule. AdamW's weight decay (0.01, the released settings use
+0.01-0.03) applies to the plain LoRA factors only: on the variational
+parameters it would change the objective away from the ELBO, so they get
+`posterior_weight_decay` (0 unless asked).
 Each predictive sample is one seeded posterior draw held for every forward
 inside it (`bayeslora.sampling(model, "sample", seed=seed + s, hold=True)`),
 N = 4 by default (the paper's N). Options are passed to `BayesLoraConfig`
@@ -31,6 +34,18 @@ class BayesLora(Method):
     name: ClassVar[str] = "bayeslora"
     default_samples: ClassVar[int] = 4
     weight_decay: ClassVar[float] = 0.01
+
+    def __init__(self, posterior_weight_decay: float = 0.0, **options: Any) -> None:
+        super().__init__(**options)
+        self.posterior_weight_decay = posterior_weight_decay
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        posterior = {id(p) for factor in bayeslora.adapter.bayesian_factors(model) for p in factor.parameters()}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in trainable if id(p) not in posterior], "weight_decay": self.weight_decay},
+            {"params": [p for p in trainable if id(p) in posterior], "weight_decay": self.posterior_weight_decay},
+        ]
 
     def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         settings = {key: lora[key] for key in LORA_KEYS if key in lora}

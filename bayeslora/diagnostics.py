@@ -1,0 +1,100 @@
+"""Is the posterior doing anything? The numbers that answer it, for the training log and `bayeslora inspect`.
+
+Per optimizer step (`posterior_state`):
+- `lambda_mean`, `lambda_max`: the conditional noise scale lambda over all Bayesian factors;
+- `sd_mean`, `sd_max`: the standard deviations of q0 over all inducing entries;
+- `kl_inducing`, `kl_conditional`: the model's KL in nats, split into the part over the
+  inducing matrices (KL(q(V) || N(0, I)), flow included) and the conditional part
+  sum (d_out d_in / 2)(lambda^2 - 1 - 2 log lambda); the training log divides both by N_train;
+- `relative_update`: per target module name (`q_proj`, ...), the mean over layers of
+  ||Delta W|| / ||W|| (Frobenius norms), Delta W = scaling * B A of the posterior-mean factors
+  (of the plain factors on non-Bayesian targets): how far the adapter moved the base weight.
+
+Per validation (`draw_disagreement`): the mean mutual information between the answer and the
+draw (nats) and the mean spread of the choice log-probabilities over draws (see `predictive`).
+Both are zero for a posterior that has collapsed to a point.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from bayeslora.adapter import bayesian_factors, factor_groups
+from bayeslora.inducing import MEAN, InducingFactor, draw_weights, kl_parts
+
+#: a mean mutual information below this is float rounding, not disagreement between draws (nats)
+MI_FLOAT_FLOOR = 1e-6
+
+
+@torch.no_grad()
+def posterior_state(model: nn.Module) -> dict[str, Any]:
+    """Scale parameters, KL parts (nats) and relative update sizes of a Bayesian-LoRA model."""
+    factors = list(bayesian_factors(model))
+    if not factors:
+        raise ValueError("the model has no Bayesian factors (was it built with get_bayeslora_model?)")
+    lambdas = torch.stack([factor.lam for factor in factors])
+    sds = torch.cat([factor.u_sd.flatten() for factor in factors])
+    inducing, conditional = zip(*(kl_parts(group) for group in factor_groups(model)))
+    return {
+        "lambda_mean": lambdas.mean().item(),
+        "lambda_max": lambdas.max().item(),
+        "sd_mean": sds.mean().item(),
+        "sd_max": sds.max().item(),
+        "kl_inducing": torch.cat(inducing).sum().item(),
+        "kl_conditional": torch.cat(conditional).sum().item(),
+        "relative_update": relative_updates(model),
+    }
+
+
+@torch.no_grad()
+def relative_updates(model: nn.Module) -> dict[str, float]:
+    """Per target module name: mean over layers of ||scaling * B A|| / ||W|| for the active adapter."""
+    mean_weights = {}
+    for group in factor_groups(model):
+        mean_weights.update(zip(map(id, group), draw_weights(group, MEAN)))
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            a, b = module.lora_A[adapter], module.lora_B[adapter]
+            a = mean_weights[id(a)] if isinstance(a, InducingFactor) else a.weight
+            b = mean_weights[id(b)] if isinstance(b, InducingFactor) else b.weight
+            # ||B A||_F^2 = trace((B^T B)(A A^T)): r x r products instead of the d_out x d_in update
+            gram = (b.float().mT @ b.float()) * (a.float() @ a.float().mT)
+            update = module.scaling[adapter] * gram.sum().clamp(min=0).sqrt()
+            ratios[name.rsplit(".", 1)[-1]].append((update / module.get_base_layer().weight.float().norm()).item())
+    return {name: sum(values) / len(values) for name, values in ratios.items()}
+
+
+def draw_disagreement(predictions) -> dict[str, float | None]:
+    """Means over questions of the mutual information (nats), also over wrongly and rightly answered
+    questions (None where there are none), and of the draw spread of the choice log-probabilities."""
+    mi = predictions.mutual_information
+    wrong = predictions.probs.argmax(-1) != predictions.answers
+
+    def mean(values: torch.Tensor) -> float | None:
+        return values.mean().item() if len(values) else None
+
+    return {
+        "mutual_information": mean(mi),
+        "mutual_information_wrong": mean(mi[wrong]),
+        "mutual_information_right": mean(mi[~wrong]),
+        "draw_spread": mean(predictions.draw_spread),
+    }
+
+
+def collapse_message(mutual_information: float, state: dict[str, Any]) -> str | None:
+    """A one-line warning when the draws no longer disagree (MI at the float floor), else None."""
+    if mutual_information >= MI_FLOAT_FLOOR:
+        return None
+    return (f"the posterior has collapsed to a point: validation mutual information {mutual_information:.1e} nats "
+            f"(lambda mean {state['lambda_mean']:.2g}, max {state['lambda_max']:.2g}; inducing sd mean "
+            f"{state['sd_mean']:.2g}, max {state['sd_max']:.2g}); see docs/method.md on the scale settings")

@@ -1,0 +1,88 @@
+"""Posterior diagnostics against values computed by hand on a tiny model."""
+
+import math
+
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+
+import bayeslora
+from bayeslora import BayesLoraConfig, get_bayeslora_model
+from bayeslora.diagnostics import MI_FLOAT_FLOOR, collapse_message, draw_disagreement, posterior_state
+from bayeslora.predictive import summarise_draws
+from tests.conftest import make_tiny_llama
+
+
+def _model():
+    torch.manual_seed(0)
+    config = BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bayesian_modules=["q_proj"],
+                             flow=False, prior_sd=1.0, lambda_init=0.02, max_lambda=0.1, sd_init=0.05)
+    model = get_bayeslora_model(make_tiny_llama(), config)
+    with torch.no_grad():  # distinct values per factor, and a non-zero plain LoRA B on v_proj
+        for index, factor in enumerate(bayeslora.adapter.bayesian_factors(model)):
+            factor.lambda_raw.fill_(math.log(math.expm1(0.01 * (index + 1))))
+            factor.u_sd_raw.uniform_(-5.0, -3.0)
+        for name, parameter in model.named_parameters():
+            if "v_proj.lora_B" in name:
+                parameter.normal_()
+    return model
+
+
+def test_scales_and_kl_parts_match_hand_computation():
+    model = _model()
+    factors = list(bayeslora.adapter.bayesian_factors(model))
+    state = posterior_state(model)
+    lambdas = [0.01 * (i + 1) for i in range(len(factors))]
+    assert state["lambda_mean"] == pytest.approx(sum(lambdas) / len(lambdas), rel=1e-5)
+    assert state["lambda_max"] == pytest.approx(max(lambdas), rel=1e-5)
+    sds = torch.cat([torch.nn.functional.softplus(f.u_sd_raw).flatten() for f in factors])
+    assert state["sd_mean"] == pytest.approx(sds.mean().item(), rel=1e-5)
+    assert state["sd_max"] == pytest.approx(sds.max().item(), rel=1e-5)
+    conditional = sum(0.5 * f.out_features * f.in_features * (lam**2 - 1 - 2 * math.log(lam))
+                      for f, lam in zip(factors, lambdas))
+    assert state["kl_conditional"] == pytest.approx(conditional, rel=1e-4)
+    inducing = sum(0.5 * (f.u_sd.square() + f.u_mean.square() - 1 - 2 * f.u_sd.log()).sum().item() for f in factors)
+    assert state["kl_inducing"] == pytest.approx(inducing, rel=1e-4)
+    assert state["kl_inducing"] + state["kl_conditional"] == pytest.approx(bayeslora.kl_divergence(model).item(), rel=1e-5)
+
+
+def test_relative_update_is_the_dense_norm_ratio_averaged_over_layers():
+    model = _model()
+    expected = {"q_proj": [], "v_proj": []}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                a, b = module.lora_A["default"], module.lora_B["default"]
+                a = a.mean_weight() if isinstance(a, bayeslora.InducingFactor) else a.weight
+                b = b.mean_weight() if isinstance(b, bayeslora.InducingFactor) else b.weight
+                delta = module.scaling["default"] * b @ a
+                expected[name.rsplit(".", 1)[-1]].append((delta.norm() / module.base_layer.weight.norm()).item())
+    state = posterior_state(model)
+    for target, values in expected.items():
+        assert state["relative_update"][target] == pytest.approx(sum(values) / len(values), rel=1e-4)
+        assert state["relative_update"][target] > 0
+
+
+def test_collapse_is_reported_only_at_the_float_floor():
+    state = posterior_state(_model())
+    message = collapse_message(MI_FLOAT_FLOOR / 10, state)
+    assert message is not None and "collapsed" in message and "\n" not in message
+    assert collapse_message(1e-3, state) is None
+
+
+def test_no_bayesian_factors_is_an_error():
+    with pytest.raises(ValueError, match="no Bayesian factors"):
+        posterior_state(make_tiny_llama())
+
+
+def test_draw_disagreement_splits_mutual_information_by_correctness():
+    # question 0: draws (0.9, 0.1) and (0.1, 0.9), gold 1 -> mixture (0.5, 0.5), predicted 0: wrong
+    # question 1: both draws (0.8, 0.2), gold 0 -> right, MI 0
+    log_probs = torch.tensor([[[0.9, 0.1], [0.8, 0.2]], [[0.1, 0.9], [0.8, 0.2]]]).log()
+    summary = draw_disagreement(summarise_draws(log_probs, torch.tensor([1, 0])))
+    h = lambda p: -sum(x * math.log(x) for x in p)  # noqa: E731
+    mi_wrong = h([0.5, 0.5]) - h([0.9, 0.1])
+    assert summary["mutual_information_wrong"] == pytest.approx(mi_wrong, rel=1e-5)
+    assert summary["mutual_information_right"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["mutual_information"] == pytest.approx(mi_wrong / 2, rel=1e-5)
+    assert draw_disagreement(summarise_draws(log_probs[:, 1:], torch.tensor([0])))["mutual_information_wrong"] is None
