@@ -65,15 +65,15 @@ def test_trainer_steps_move_the_posterior_and_the_logged_loss_is_nll_plus_kl(tmp
 
 def test_the_kl_follows_the_schedules_of_bayeslora_train(tmp_path):
     tokenizer = fixture_tokenizer()
-    # 48 examples, batch 16: 3 optimizer steps per epoch. Released weighting: 0.1 * KL / 3 from the second epoch.
+    # 48 examples, batch 16: 3 optimizer steps per epoch. Released weighting: 0.1 * KL / 3 from the third epoch.
     released = make_trainer(BayesLoraTrainer, tmp_path / "released", fixture_bayeslora_model(), tokenizer,
                             kl=KLSchedule(weighting="released", spread_samples=0),
-                            args={"max_steps": 4, "per_device_train_batch_size": 16})
+                            args={"max_steps": 7, "per_device_train_batch_size": 16})
     released.train()
     logs = training_logs(released)
-    assert [record["beta"] for record in logs] == pytest.approx([0.0, 0.0, 0.0, 0.1])
+    assert [record["beta"] for record in logs] == pytest.approx([0.0] * 6 + [0.1])
     assert logs[0]["loss"] == pytest.approx(logs[0]["nll"], rel=1e-6)
-    assert logs[3]["loss"] == pytest.approx(logs[3]["nll"] + 0.1 * logs[3]["kl"] / 3, rel=1e-5)
+    assert logs[6]["loss"] == pytest.approx(logs[6]["nll"] + 0.1 * logs[6]["kl"] / 3, rel=1e-5)
     assert "mutual_information" not in logs[0]
     # beta weighting with a 4-step linear warm-up and an explicit divisor
     ramped = make_trainer(BayesLoraTrainer, tmp_path / "ramped", fixture_bayeslora_model(), tokenizer,
@@ -97,6 +97,18 @@ def test_saved_adapter_restores_with_load_bayeslora_model(tmp_path):
         for mode, seed in (("mean", None), ("sample", 3)):
             with bayeslora.sampling(model, mode, seed=seed), bayeslora.sampling(restored, mode, seed=seed):
                 assert torch.equal(model(**batch).logits, restored(**batch).logits)
+
+
+def test_weight_decay_skips_the_posterior_parameters(tmp_path):
+    tokenizer = fixture_tokenizer()
+    # q_proj Bayesian, v_proj plain LoRA
+    model = fixture_bayeslora_model(bayesian_modules=["q_proj"])
+    trainer = make_trainer(BayesLoraTrainer, tmp_path, model, tokenizer, args={"weight_decay": 0.1})
+    trainer.create_optimizer()
+    decayed = {id(p) for group in trainer.optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    posterior = {id(p) for factor in bayeslora.bayesian_factors(model) for p in factor.parameters()}
+    plain = {id(p) for name, p in model.named_parameters() if "v_proj.lora_" in name}
+    assert posterior and plain and decayed == plain
 
 
 def test_predictive_spread_is_the_mutual_information_of_the_draws():

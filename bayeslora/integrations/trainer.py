@@ -29,6 +29,9 @@ the predictive spread, `H[mean_s p_s] - mean_s H[p_s]` of the next-token distrib
 `spread_samples` seeded posterior draws (nats per non-padding position, dropout off), computed on
 the first micro-batch of every logging step. The names are those of `train_log.jsonl`.
 
+`args.weight_decay` applies to the plain LoRA factors only, not to the posterior's parameters,
+which the KL regularises already (as in `bayeslora train`).
+
 `BayesLoraTrainerMixin` adds all this to any `Trainer` subclass (`bayeslora.integrations.sft` does
 it for TRL's `SFTTrainer`). Evaluation inside the Trainer (`eval_loss`) uses one fresh draw per
 forward and no KL; score the posterior predictive with `bayeslora evaluate` or lm-eval instead.
@@ -44,7 +47,7 @@ from torch import nn
 from transformers import Trainer
 
 import bayeslora
-from bayeslora.adapter import draw_all_factors
+from bayeslora.adapter import bayesian_factors, draw_all_factors
 from bayeslora.predictive import entropy, log_mean_exp
 from bayeslora.schedules import KL_WEIGHTINGS, KLWeighting
 
@@ -126,6 +129,11 @@ class BayesLoraTrainerMixin:
             return len(self.train_dataset)
         except TypeError:
             raise ValueError("the training dataset has no length: pass KLSchedule(n_train=...)") from None
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """The Trainer's weight-decayed parameters, less the posterior's: the KL regularises those already."""
+        posterior = {id(p) for factor in bayesian_factors(model) for p in factor.parameters()}
+        return [name for name in super().get_decay_parameter_names(model) if id(model.get_parameter(name)) not in posterior]
 
     # ----- one held draw per micro-batch, KL added to the loss --------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
