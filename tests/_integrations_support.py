@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
+from accelerate.state import AcceleratorState
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -13,6 +15,14 @@ import bayeslora
 
 FIXTURE = Path(__file__).resolve().parents[1] / "bayeslora" / "fixtures" / "smoke"
 MODEL = FIXTURE / "model"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """A Trainer sets accelerate's process-wide state (bf16 mixed precision under SFTConfig's defaults);
+    later tests that build an `Accelerator` in this process must not inherit it."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def fixture_texts() -> list[str]:

@@ -11,6 +11,7 @@ from bayeslora.predictive import log_mean_exp
 from bayeslora.scoring import Scorer, cloze_continuation, cloze_prompt
 from bayeslora.tasks import load_task_file
 from tests._integrations_support import FIXTURE, MODEL, fixture_bayeslora_model
+from tests._integrations_support import fresh_accelerate_state  # noqa: F401 (an autouse fixture)
 
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 import bayeslora
 from bayeslora.integrations.trainer import KLSchedule
 from tests._integrations_support import MODEL, fixture_bayeslora_model, fixture_texts, fixture_tokenizer, posterior_state, training_logs
+from tests._integrations_support import fresh_accelerate_state  # noqa: F401 (an autouse fixture)
 
 trl = pytest.importorskip("trl")
 from bayeslora.integrations.sft import BayesLoraSFTTrainer  # noqa: E402

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, 
 import bayeslora
 from bayeslora.integrations.trainer import BayesLoraTrainer, KLSchedule, predictive_spread
 from bayeslora.kl_guard import MissingKLWarning
-from tests._integrations_support import (
+from tests._integrations_support import (  # noqa: F401 (fresh_accelerate_state is an autouse fixture)
+    fresh_accelerate_state,
     MODEL,
     fixture_bayeslora_model,
     fixture_tokenizer,

@@ -18,6 +18,7 @@ from bayeslora.predictive import log_mean_exp
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import load_task_file
 from tests._integrations_support import FIXTURE, MODEL, fixture_bayeslora_model
+from tests._integrations_support import fresh_accelerate_state  # noqa: F401 (an autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
