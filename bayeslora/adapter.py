@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bayeslora.config import BayesLoraConfig, names_module
+from bayeslora.files import write_files_atomically
 from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
 from bayeslora.kl_guard import note_kl_computed
 from bayeslora.layer import BayesLoraLinear
@@ -169,10 +169,9 @@ def export_mean_lora(model: PeftModel, directory: str | os.PathLike, adapter_nam
                 factor = getattr(module, part)[adapter_name]
                 weight = factor.mean_weight() if isinstance(factor, InducingFactor) else factor.weight
                 state[f"{name}.{part}.weight"] = weight.detach().float().cpu().contiguous()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as staging:
+
+    def save(staging: Path) -> None:
         plain.save_pretrained(staging)
-        save_file(state, Path(staging) / "adapter_model.safetensors")
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            os.replace(Path(staging) / name, directory / name)
+        save_file(state, staging / "adapter_model.safetensors")
+
+    write_files_atomically(directory, save)

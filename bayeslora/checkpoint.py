@@ -20,6 +20,7 @@ moment leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import io
 import os
 import shutil
 import tempfile
@@ -27,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from bayeslora.errors import UsageError
+from bayeslora.files import write_atomically
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -57,7 +60,7 @@ def check_output_dir(output: Path, identity: dict[str, Any], *, resume: bool, ov
         if differences:
             key = differences[0]
             raise UsageError(f"cannot resume {output}: {key} was {previous.get(key)!r}, now {identity.get(key)!r}")
-        if latest_checkpoint(output) is None:
+        if not has_checkpoint(output):
             raise UsageError(f"nothing to resume: {output} has no checkpoint")
     elif not overwrite:
         kind = "the same" if previous == identity else "a different"
@@ -86,20 +89,6 @@ def start_run_dir(output: Path, identity: dict[str, Any], *, resume: bool, overw
         write_atomically(output / RUN_FILE, json.dumps(identity, indent=1, sort_keys=True).encode())
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters (the adapter), detached copies on CPU."""
     return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
@@ -114,6 +103,17 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for name, value in state.items():
             parameters[name].copy_(value)
+
+
+def _torch_bytes(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def has_checkpoint(output: Path) -> bool:
+    """Whether the run in `output` has a checkpoint to resume from (an ensemble's are in its member folders)."""
+    return any(output.glob(f"**/{CHECKPOINTS}/latest"))
 
 
 def latest_checkpoint(output: Path) -> Path | None:
@@ -143,14 +143,14 @@ def save_checkpoint(
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, temporary / f"rng-{accelerator.process_index}.pt")
+    write_atomically(temporary / f"rng-{accelerator.process_index}.pt", _torch_bytes(rng))
     if accelerator.is_main_process:
-        save_file(trainable_state(model), temporary / "adapter.safetensors")
+        write_atomically(temporary / "adapter.safetensors", safetensors_bytes(trainable_state(model)))
         if best_adapter is not None:
-            save_file(best_adapter, temporary / "best_adapter.safetensors")
-        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
-        torch.save(scheduler.state_dict(), temporary / "scheduler.pt")
-        (temporary / "state.json").write_text(json.dumps(state, indent=1))
+            write_atomically(temporary / "best_adapter.safetensors", safetensors_bytes(best_adapter))
+        write_atomically(temporary / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+        write_atomically(temporary / "scheduler.pt", _torch_bytes(scheduler.state_dict()))
+        write_atomically(temporary / "state.json", json.dumps(state, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(folder / name, ignore_errors=True)

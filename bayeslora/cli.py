@@ -16,7 +16,7 @@ from bayeslora.errors import UsageError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("bayeslora.evaluate", "score a model (+ adapter) on a task: accuracy, ECE, MCE, NLL, Brier, reliability diagram"),
-    "train": ("bayeslora.train", "fine-tune an adapter with a method (ELBO for bayeslora), then evaluate it"),
+    "train": ("bayeslora.experiment", "fine-tune an adapter with a method (ELBO for bayeslora), then evaluate it"),
     "compare": ("bayeslora.compare", "every (task, method, seed) on the shared path; ACC / ECE / NLL and cost tables"),
     "inspect": ("bayeslora.inspect_run", "is a run's posterior doing anything? scales, KL parts, update sizes, mutual information"),
 }

@@ -15,6 +15,12 @@ def names_module(name: str, key: str) -> bool:
     return key == name or key.endswith("." + name)
 
 
+#: The published constants (the paper and its released code), for reproduction: at these the posterior
+#: barely moves the model and its draws do not disagree (docs/method.md, "Defaults"). The released
+#: LLaMA-2-7B setting also makes only q_proj and lm_head Bayesian (`bayesian_modules`).
+PAPER_CONSTANTS = {"prior_sd": 0.1, "lambda_init": 1e-3, "max_lambda": 0.03, "sd_init": 1e-3, "max_sd_u": 0.1}
+
+
 @dataclass
 class BayesLoraConfig(LoraConfig):
     """LoRA whose A and B factors on `bayesian_modules` are inducing-weight factors.
@@ -64,6 +70,11 @@ class BayesLoraConfig(LoraConfig):
         from bayeslora.layer import BayesLoraLinear
 
         self._register_custom_module({nn.Linear: BayesLoraLinear})
+
+    @classmethod
+    def paper(cls, **settings) -> "BayesLoraConfig":
+        """A config with the published constants (`PAPER_CONSTANTS`); other settings as given."""
+        return cls(**{**PAPER_CONSTANTS, **settings})
 
     def is_bayesian_module(self, key: str) -> bool:
         """Whether the module at dotted path `key` (a LoRA target) gets Bayesian factors."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 from torch import nn
 
 import bayeslora
-from bayeslora.errors import UsageError
+from bayeslora.errors import UsageError, check_count
+from bayeslora.files import write_atomically
 from bayeslora.methods import Method, get_method
 from bayeslora.diagnostics import draw_disagreement
 from bayeslora.metrics import all_metrics
@@ -68,12 +68,10 @@ def evaluate(
 ) -> tuple[dict[str, Any], Predictions]:
     """Metrics of `model` on `questions` and the per-question predictions.
 
-    `n_samples` defaults to the method's own default (1 without a method);
+    `n_samples` None: the method's own default (1 without a method);
     `seconds` is the wall-clock time of scoring, model loading excluded.
     """
     scorer = Scorer(tokenizer, scoring, normalization=normalization)
-    if n_samples is None:
-        n_samples = method.default_samples if method is not None else 1
     start = time.perf_counter()
     predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size, progress=progress)
     seconds = time.perf_counter() - start
@@ -116,12 +114,6 @@ def prediction_records(questions: Sequence[Question], predictions: Predictions) 
         }
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
-
-
 def write_outputs(
     directory: str | Path, results: dict[str, Any], questions: Sequence[Question], predictions: Predictions
 ) -> None:
@@ -129,11 +121,11 @@ def write_outputs(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(record) + "\n" for record in prediction_records(questions, predictions))
-    _write_text_atomically(directory / "predictions.jsonl", lines)
+    write_atomically(directory / "predictions.jsonl", lines)
     source = f"{results['task']} / {results['split']}" if results.get("task") else Path(results.get("task_file") or "questions").name
     title = f"{source} ({results['scoring']} scoring, {results['n_samples']} draw(s))"
     save_reliability_diagram(predictions.probs, predictions.answers, directory / "reliability.png", title)
-    _write_text_atomically(directory / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomically(directory / "results.json", json.dumps(results, indent=2) + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -158,8 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be checked before loading data or a model."""
     for flag, value in (("--limit", args.limit), ("--samples", args.samples), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
+        check_count(flag, value)
     if args.task_file and args.split:
         raise UsageError("--split applies to --task only; a --task-file is used whole")
     if Path(args.output).exists() and not Path(args.output).is_dir():

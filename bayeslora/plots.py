@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only: works on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from bayeslora.files import write_atomically  # noqa: E402
 from bayeslora.metrics import ece, reliability_bins  # noqa: E402
 
 
@@ -49,12 +50,11 @@ def reliability_figure(probs: torch.Tensor, labels: torch.Tensor, title: str) ->
 
 
 def save_reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, path: str | Path, title: str) -> None:
-    """Write the figure as PNG atomically (temporary file, then rename)."""
-    path = Path(path)
-    staging = path.with_name(f".{path.name}.tmp")
+    """Write the figure as PNG, atomically."""
     figure = reliability_figure(probs, labels, title)
+    png = io.BytesIO()
     try:
-        figure.savefig(staging, format="png", dpi=120)
+        figure.savefig(png, format="png", dpi=120)
     finally:
         plt.close(figure)
-    os.replace(staging, path)
+    write_atomically(path, png.getvalue())

@@ -11,8 +11,10 @@ for deterministic methods) with per-choice logits z_s:
     draw spread         sd_s(log p_sc), averaged over the question's choices
                         (how far the draws' choice log-probabilities disagree)
 
-All in nats. Each draw is one context from `method.draws(model, n_samples, seed)`;
-every question is scored inside it, so all choices of a question (and every
+All in nats. Each draw is one context from `method.draws(model, n_samples, seed)`
+(the method decides how many: `n_samples` None means its default, and an
+ensemble has one per member); S is the number of contexts received. Every
+question is scored inside each, so all choices of a question (and every
 forward pass that scores them) see the same draw. The model is put in eval
 mode first (dropout off); a method that wants dropout switches it on inside
 its own draws.
@@ -22,17 +24,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import ContextManager, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bayeslora.errors import UsageError
-from bayeslora.methods.base import Method
+from bayeslora.errors import check_count
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import Question
+
+
+class PredictiveMethod(Protocol):
+    """What the predictive needs of a method (`bayeslora.methods.Method` has it); the protocol knows no method."""
+
+    def draws(self, model: nn.Module, n_samples: int | None, seed: int) -> Iterator[ContextManager]: ...
+
+    def adjust_logits(self, logits: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -97,33 +107,31 @@ def predict(
     model: nn.Module,
     scorer: Scorer,
     questions: Sequence[Question],
-    method: Method | None = None,
-    n_samples: int = 1,
+    method: PredictiveMethod | None = None,
+    n_samples: int | None = None,
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = False,
 ) -> Predictions:
     """The predictive distribution of `model` on `questions`, averaged over `method`'s draws.
 
-    Without a method the model is deterministic: one draw, no logit adjustment.
+    `n_samples` is passed to the method (None: its default). Without a method the model is
+    deterministic: one draw, no logit adjustment.
     """
-    if n_samples < 1:
-        raise UsageError(f"the number of samples must be at least 1, got {n_samples}")
-    if batch_size < 1:
-        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    check_count("the number of samples", n_samples)
+    check_count("batch size", batch_size)
     # batches of similar length waste less compute on padding; results go back to the input order
     order = sorted(range(len(questions)), key=lambda index: _text_length(questions[index]))
     ordered = [questions[index] for index in order]
     batches = [scorer.collate(ordered[start : start + batch_size]) for start in range(0, len(ordered), batch_size)]
     width = max(int(batch["choice_mask"].shape[1]) for batch in batches)
     answers = torch.tensor([question.answer for question in questions], dtype=torch.long)
-    draws = method.draws(model, n_samples, seed) if method is not None else iter([contextlib.nullcontext()])
+    draws = list(method.draws(model, n_samples, seed)) if method is not None else [contextlib.nullcontext()]
     adjust = method.adjust_logits if method is not None else (lambda logits: logits)
 
     model.eval()
     per_draw = []
-    expected_draws = n_samples if method is not None and method.is_stochastic else 1
-    with torch.no_grad(), tqdm(total=expected_draws * len(batches), desc="scoring", unit="batch", disable=not progress) as bar:
+    with torch.no_grad(), tqdm(total=len(draws) * len(batches), desc="scoring", unit="batch", disable=not progress) as bar:
         for draw in draws:
             with draw:
                 logits = []

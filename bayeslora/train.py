@@ -1,4 +1,4 @@
-"""`bayeslora train`: the one training loop, for every method.
+"""The one training loop, for every method (`experiment.run_experiment` sets up a run around it).
 
 Per optimizer step, over a global batch of `batch_size` questions split across
 processes and accumulation micro-batches:
@@ -12,21 +12,16 @@ regulariser is KL / divisor, so the default is beta * KL / N_train).
 Gradients are averaged over processes (DDP), so the regulariser counts once
 per optimizer step whatever the number of processes.
 
-Model selection uses only a validation set held out from the training split:
-the adapter of the epoch with the lowest validation NLL is kept (early
-stopping optional). The evaluation split is read once, at the end, by the
-protocol's evaluation path.
+Model selection uses only the validation questions (never the evaluation
+split): the adapter of the epoch with the lowest validation NLL of the
+method's predictive is kept (early stopping optional). Each optimizer step
+writes one line to train_log.jsonl, built in `step_record`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
-import os
-import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -36,49 +31,29 @@ from typing import Any, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 from tqdm.auto import tqdm
 
 import bayeslora
 from bayeslora.checkpoint import (
-    check_output_dir,
     latest_checkpoint,
     load_checkpoint,
     load_trainable_state,
     save_checkpoint,
-    start_run_dir,
     trainable_state,
-    write_atomically,
 )
 from bayeslora.errors import UsageError
-from bayeslora.evaluate import evaluate, write_outputs
-from bayeslora.methods import get_method
+from bayeslora.files import write_atomically
 from bayeslora.metrics import nll
-from bayeslora.models import load_model
 from bayeslora.predictive import predict
-from bayeslora.scoring import Scorer
 from bayeslora.schedules import KLWeighting, lr_scheduler
-from bayeslora.tasks import EVALUATION_ROLE, load_task, load_task_file
-from bayeslora.train_settings import TrainSettings, add_arguments, settings_from_args
+from bayeslora.train_settings import TrainSettings
 
-__all__ = ["TrainingDiverged", "fit", "add_arguments", "run"]
+__all__ = ["FitResult", "TrainingDiverged", "fit", "task_loss"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def split_validation(questions: Sequence, size: int, seed: int, limit: int | None) -> tuple[list, list]:
-    """Hold out `size` questions (seeded) for model selection; the rest, capped at `limit`, is for training."""
-    if size >= len(questions):
-        raise UsageError(f"validation_size {size} leaves no training questions (the training split has {len(questions)})")
-    order = torch.randperm(len(questions), generator=torch.Generator().manual_seed(seed)).tolist()
-    validation = [questions[i] for i in order[:size]]
-    train = [questions[i] for i in sorted(order[size:])]
-    return train[:limit], validation
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -105,7 +80,8 @@ def task_loss(logits: torch.Tensor, answers: torch.Tensor, label_smoothing: floa
     return loss.mean(), nll.mean()
 
 
-def validation_nll(model: nn.Module, scorer, method, questions: Sequence, n_samples: int, seed: int, batch_size: int) -> float:
+def validation_nll(model: nn.Module, scorer, method, questions: Sequence, n_samples: int | None, seed: int,
+                   batch_size: int) -> float:
     """NLL (nats per question) of the method's predictive, mean over draws of softmax(z), on held-out questions."""
     predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size)
     return nll(predictions.probs, predictions.answers)
@@ -151,17 +127,16 @@ def fit(
     """Train the adapter(s) of `model` (already prepared by `method`) in place, then the method's post-hoc fit.
 
     A method with several members (an ensemble) trains each in turn, with seed + member index,
-    in its own folder `member-<index>/`; the others train directly in `output`.
+    in its own folder `member-<index>/`; the others train directly in `output`. While a member
+    trains, the method's draws are that member's (it is selected on its own predictive).
     """
     members = list(method.members(model))
-    # a member is selected on its own predictive; the method's draws would switch members (an ensemble's)
-    selection_method = method if len(members) == 1 else None
     results = []
     for index, member in enumerate(members):
         folder = output if len(members) == 1 else output / f"member-{index}"
         with member:
-            results.append(_fit_member(model, scorer, method, selection_method, train_questions, validation_questions,
-                                       settings, folder, accelerator, settings.seed + index,
+            results.append(_fit_member(model, scorer, method, train_questions, validation_questions, settings, folder,
+                                       accelerator, settings.seed + index,
                                        resume=resume and latest_checkpoint(folder) is not None))
     model.eval()
     batches = partial(_batches, scorer, batch_size=settings.eval_batch_size, device=accelerator.device)
@@ -173,19 +148,9 @@ def _batches(scorer, questions: Sequence, batch_size: int, device: torch.device)
     return [_to_device(scorer.collate(questions[i : i + batch_size]), device) for i in range(0, len(questions), batch_size)]
 
 
-def _fit_member(
-    model: nn.Module,
-    scorer,
-    method,
-    selection_method,
-    train_questions: Sequence,
-    validation_questions: Sequence,
-    settings: TrainSettings,
-    output: Path,
-    accelerator: Accelerator,
-    seed: int,
-    resume: bool,
-) -> FitResult:
+def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, validation_questions: Sequence,
+                settings: TrainSettings, output: Path, accelerator: Accelerator, seed: int, resume: bool) -> FitResult:
+    """`fit` for one member (the whole model for single-adapter methods), data order seeded with `seed`."""
     s = settings
     per_step = accelerator.num_processes * s.grad_accum
     if s.batch_size % per_step:
@@ -195,7 +160,6 @@ def _fit_member(
         raise UsageError(f"batch_size {s.batch_size} exceeds the {len(train_questions)} training questions")
     steps_per_epoch = len(train_questions) // s.batch_size  # the last partial batch of an epoch is dropped
     total_steps = s.max_steps if s.max_steps is not None else s.epochs * steps_per_epoch
-    n_samples = (s.samples or selection_method.default_samples) if selection_method is not None else 1
     bf16 = use_bf16(s.precision, accelerator.device)
 
     unwrapped = model.to(accelerator.device)
@@ -261,10 +225,7 @@ def _fit_member(
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step + 1
 
-        record = {"step": step + 1, "epoch": epoch + 1, "loss": totals[0].item(), "nll": totals[1].item(),
-                  "kl": totals[2].item() * kl.divisor, "beta": weight, "lr": lr, "seconds": time.perf_counter() - started}
-        if bayeslora.is_bayesian(unwrapped):
-            record["mean_lambda"] = bayeslora.mean_lambda(unwrapped)
+        record = step_record(unwrapped, step + 1, epoch + 1, totals, kl.divisor, weight, lr, time.perf_counter() - started)
         recent_nll.append(record["nll"])
         if log is not None:
             log.write(json.dumps(record) + "\n")
@@ -274,7 +235,7 @@ def _fit_member(
 
         epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
         if epoch_end and validation_questions:
-            value = validation_nll(unwrapped, scorer, selection_method, validation_questions, n_samples, s.seed,
+            value = validation_nll(unwrapped, scorer, method, validation_questions, s.samples, s.seed,
                                    s.eval_batch_size)
             state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, "validation_nll": value})
             if state["best_validation_nll"] is None or value < state["best_validation_nll"]:
@@ -294,107 +255,23 @@ def _fit_member(
                      state["validation_history"])
 
 
+def step_record(model: nn.Module, step: int, epoch: int, totals: torch.Tensor, kl_divisor: float, weight: float,
+                lr: float, seconds: float) -> dict[str, Any]:
+    """The train_log.jsonl line of one optimizer step (1-based `step` and `epoch`): every per-step diagnostic goes here.
+
+    `totals` holds the step's mean loss, NLL and regulariser; `kl` is the regulariser times its divisor.
+    """
+    record = {"step": step, "epoch": epoch, "loss": totals[0].item(), "nll": totals[1].item(),
+              "kl": totals[2].item() * kl_divisor, "beta": weight, "lr": lr, "seconds": seconds}
+    if bayeslora.is_bayesian(model):
+        record["mean_lambda"] = bayeslora.mean_lambda(model)
+    return record
+
+
 def _open_log(path: Path, keep_through_step: int):
     """The per-step log, opened for appending; on resume, lines after the checkpoint's step are dropped."""
     kept = []
     if keep_through_step and path.is_file():
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_through_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    write_atomically(path, "".join(line + "\n" for line in kept))
     return path.open("a")
-
-
-def load_questions(settings: TrainSettings) -> tuple[list, list]:
-    """(training split, evaluation split): the task's train and test roles, or --task-file and --eval-file."""
-    if settings.task is not None:
-        train = load_task(settings.task, "train", source=settings.source)
-        evaluation = load_task(settings.task, EVALUATION_ROLE, source=settings.source, limit=settings.limit_eval)
-        return train, evaluation
-    evaluation = load_task_file(settings.eval_file)[: settings.limit_eval] if settings.eval_file else []
-    return load_task_file(settings.task_file), evaluation
-
-
-def evaluate_into(directory: Path, model: nn.Module, tokenizer, questions: Sequence, method, settings: TrainSettings,
-                  **description: Any) -> dict[str, Any]:
-    """The protocol's evaluation path: results.json, predictions.jsonl, reliability.png in `directory`."""
-    results, predictions = evaluate(model, tokenizer, questions, settings.scoring, method, settings.samples,
-                                    settings.seed, settings.eval_batch_size, settings.normalization, progress=True)
-    results = {"task": settings.task, "task_file": settings.eval_file, "split": EVALUATION_ROLE if settings.task else None,
-               "model": settings.model, "limit_eval": settings.limit_eval, **description, **results}
-    write_outputs(directory, results, questions, predictions)
-    return results
-
-
-def print_summary(before: dict | None, after: dict, output: Path) -> None:
-    table = Table(title=f"{after['task'] or after['task_file']}: {after['n_examples']} evaluation questions, "
-                        f"{after['scoring']} scoring")
-    for column in ("model", "draws", "ACC %", "ECE %", "NLL (nats)"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for name, results in (("zero-shot", before), ("fine-tuned", after)):
-        if results is not None:
-            table.add_row(name, str(results["n_samples"]), f"{results['accuracy_percent']:.1f}",
-                          f"{results['ece_percent']:.1f}", f"{results['nll']:.3f}")
-    Console().print(table)
-    print(f"reliability diagram: {output / 'reliability.png'}")
-
-
-def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
-    output = Path(settings.output)
-    identity = settings.run_identity()
-    check_output_dir(output, identity, resume=args.resume, overwrite=args.overwrite)
-    train_split, evaluation = load_questions(settings)
-    train, validation = split_validation(train_split, settings.validation_size, settings.validation_seed, settings.limit_train)
-    method = get_method(settings.method, **settings.method_options)
-    model, tokenizer = load_model(settings.model)
-    scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization)
-    # fail before writing anything if this tokenizer cannot score the task (e.g. letter labels that are not tokens)
-    scorer.collate([max([*train, *evaluation], key=lambda question: len(question.choices))])
-    # without a GPU, accelerate runs several launched processes as one gloo group only when told cpu=True
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
-        raise UsageError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
-                         f"{accelerator.num_processes}; check the accelerate launch settings")
-    if accelerator.is_main_process:
-        start_run_dir(output, identity, resume=args.resume, overwrite=args.overwrite)
-    accelerator.wait_for_everyone()
-
-    before = None
-    if settings.zero_shot and evaluation and accelerator.is_main_process:
-        zero_shot = output / "zero_shot"
-        if (zero_shot / "results.json").is_file():  # a resumed run evaluated the base model already
-            before = json.loads((zero_shot / "results.json").read_text())
-        else:
-            before = evaluate_into(zero_shot, model, tokenizer, evaluation, None, settings, adapter=None)
-    accelerator.wait_for_everyone()
-
-    set_seed(settings.seed)  # the adapter initialisation: the same on every process
-    lora = {"r": settings.r, "lora_alpha": settings.lora_alpha, "lora_dropout": settings.lora_dropout,
-            "target_modules": list(settings.target_modules)}
-    model = method.prepare(model, lora)
-    set_seed(settings.seed, device_specific=True)  # posterior draws and dropout: one stream per process
-    try:
-        results = fit(model, scorer, method, train, validation, settings, output, accelerator, resume=args.resume)
-    except TrainingDiverged as error:
-        print(f"bayeslora: training stopped: {error}", file=sys.stderr)
-        return 1
-    if not accelerator.is_main_process:
-        return 0
-    save_adapter(model, output)
-    summary = {"n_train": len(train), "n_validation": len(validation), "members": [dataclasses.asdict(r) for r in results]}
-    write_atomically(output / "training.json", json.dumps(summary, indent=1).encode())
-    if evaluation:
-        after = evaluate_into(output, model, tokenizer, evaluation, method, settings, adapter=str(output),
-                              method_name=settings.method)
-        print_summary(before, after, output)
-    return 0
-
-
-def save_adapter(model: nn.Module, output: Path) -> None:
-    """peft's save_pretrained into a staging folder, then each file renamed into `output`."""
-    with tempfile.TemporaryDirectory(dir=output, prefix=".adapter-") as staging:
-        model.save_pretrained(staging)
-        for path in Path(staging).rglob("*"):
-            if path.is_file():
-                target = output / path.relative_to(staging)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)

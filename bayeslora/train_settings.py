@@ -1,9 +1,13 @@
 """Settings of one training run: defaults, YAML file, command-line flags, validation.
 
-Precedence: dataclass default < `--config file.yaml` < command-line flag. The YAML
-file takes the same keys as the flags (`batch_size` or `batch-size`). Every
-setting is checked before anything is loaded or written; a bad value raises a
-`UsageError` naming it.
+Every setting is declared once, here: its default, its flag (help, type,
+choices) and its checks. `bayeslora train` and each unit of `bayeslora compare`
+build their settings through the same functions. Precedence: dataclass default
+< YAML file (`--config`; compare: preset < `--train-config`) < command-line
+flag. The YAML file takes the same keys as the flags (`batch_size` or
+`batch-size`) and its values are converted like the flags' (YAML reads `5e-4`
+as a string). Every setting is checked before anything is loaded or written; a
+bad value raises a `UsageError` naming it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ def _setting(default: Any, help: str, **argparse_options: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_options})
 
 
+#: questions held out of a --task-file for model selection unless validation_size says otherwise
+FILE_VALIDATION_SIZE = 200
+
+
 @dataclass
 class TrainSettings:
     # what to train
@@ -49,8 +57,11 @@ class TrainSettings:
     # data
     limit_train: int | None = _setting(None, "use at most this many training questions", type=int)
     limit_eval: int | None = _setting(None, "evaluate on the first K evaluation questions only (not the protocol)", type=int)
-    validation_size: int = _setting(200, "questions held out from the training split for model selection", type=int)
-    validation_seed: int = _setting(0, "seed of the validation hold-out (independent of --seed)", type=int)
+    limit_validation: int | None = _setting(None, "use the first K validation questions (model selection, post-hoc fits)", type=int)
+    validation_size: int | None = _setting(None, "--task-file: questions held out of the file for model selection "
+                                                 f"(default {FILE_VALIDATION_SIZE}; a registry task selects on its "
+                                                 "validation role)", type=int)
+    validation_seed: int = _setting(0, "--task-file: seed of the validation hold-out (independent of --seed)", type=int)
     # optimisation
     epochs: int = _setting(1, "passes over the training questions", type=int)
     max_steps: int | None = _setting(None, "stop after this many optimizer steps", type=int)
@@ -82,62 +93,79 @@ class TrainSettings:
         return dataclasses.asdict(self)
 
 
-RUN_FLAGS = ("resume", "overwrite")  # how to treat the output directory; not part of the run
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting; flags left out keep the YAML or default value."""
+    """`bayeslora train`: --config, one flag per setting, and how to treat the output directory."""
     parser.add_argument("--config", help="YAML file of settings (flags override it)")
-    for setting in dataclasses.fields(TrainSettings):
-        if setting.name == "method_options":
-            continue
-        options = dict(setting.metadata)
-        default = setting.default_factory() if setting.default_factory is not dataclasses.MISSING else setting.default
-        if default not in (None, [], {}):
-            options["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
-        parser.add_argument("--" + setting.name.replace("_", "-"), default=argparse.SUPPRESS, **options)
+    add_setting_flags(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --output")
 
 
-def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    """Defaults, then the YAML file, then the flags given; validated."""
-    values: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        values.update(_read_yaml(Path(args.config)))
-    names = {setting.name for setting in dataclasses.fields(TrainSettings)}
-    values.update({name: value for name, value in vars(args).items() if name in names})
+def add_setting_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None,
+                      defaults: dict[str, Any] | None = None) -> None:
+    """One flag per setting (`names`: these only; `defaults`: shown instead of the dataclass's); flags left
+    out keep the YAML or default value."""
+    for setting in dataclasses.fields(TrainSettings):
+        if setting.name == "method_options" or (names is not None and setting.name not in names):
+            continue
+        options = dict(setting.metadata)
+        default = setting.default_factory() if setting.default_factory is not dataclasses.MISSING else setting.default
+        default = (defaults or {}).get(setting.name, default)
+        if default not in (None, [], {}):
+            options["help"] += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        parser.add_argument("--" + setting.name.replace("_", "-"), default=argparse.SUPPRESS, **options)
+
+
+def given_settings(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The settings given as flags (`names`: these only); a flag left out is absent from `args`."""
+    names = names if names is not None else tuple(setting.name for setting in dataclasses.fields(TrainSettings))
+    return {name: value for name, value in vars(args).items() if name in names}
+
+
+def make_settings(values: dict[str, Any]) -> TrainSettings:
+    """Settings from (converted) values, validated."""
     settings = TrainSettings(**values)
     validate(settings)
     return settings
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def settings_from_args(args: argparse.Namespace) -> TrainSettings:
+    """Defaults, then the YAML file, then the flags given; validated."""
+    values = read_config(args.config) if getattr(args, "config", None) else {}
+    return make_settings({**values, **given_settings(args)})
+
+
+def read_yaml_mapping(path: str | Path, flag: str) -> dict[Any, Any]:
+    """A YAML file holding a mapping (empty file: {}); `flag` names the file in messages."""
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = yaml.safe_load(Path(path).read_text())
     except OSError as error:
-        raise UsageError(f"cannot read config {path}: {error.strerror}") from None
+        raise UsageError(f"cannot read {flag} {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
-        raise UsageError(f"config {path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UsageError(f"config {path} must be a mapping of setting: value")
+        raise UsageError(f"{flag} {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(loaded, (dict, type(None))):
+        raise UsageError(f"{flag} {path} must be a mapping")
+    return loaded or {}
+
+
+def read_config(path: str | Path, flag: str = "config") -> dict[str, Any]:
+    """The settings of a YAML file, each converted like its flag; `flag` names the file in messages."""
+    loaded = read_yaml_mapping(path, flag)
     fields = {setting.name: setting for setting in dataclasses.fields(TrainSettings)}
     values = {}
     for key, value in loaded.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise UsageError(f"config {path}: unknown setting {key!r}")
-        values[name] = _coerce(name, value, fields[name])
+            raise UsageError(f"{flag} {path}: unknown setting {key!r}")
+        values[name] = _coerce(name, value, fields[name], flag)
     return values
 
 
-def _coerce(name: str, value: Any, setting: dataclasses.Field) -> Any:
+def _coerce(name: str, value: Any, setting: dataclasses.Field, flag: str) -> Any:
     """Check a YAML value against the flag's type (YAML reads 5e-4 as a string)."""
     choices = setting.metadata.get("choices")
     if choices is not None and value not in choices:
-        raise UsageError(f"config: {name} must be one of {', '.join(choices)}, got {value!r}")
+        raise UsageError(f"{flag}: {name} must be one of {', '.join(choices)}, got {value!r}")
     convert = setting.metadata.get("type", lambda item: item)
     if value is None:
         return value
@@ -148,7 +176,7 @@ def _coerce(name: str, value: Any, setting: dataclasses.Field) -> Any:
             raise ValueError
         return convert(value)
     except (TypeError, ValueError):
-        raise UsageError(f"config: {name} must be {convert.__name__}, got {value!r}") from None
+        raise UsageError(f"{flag}: {name} must be {convert.__name__}, got {value!r}") from None
 
 
 def validate(settings: TrainSettings) -> None:
@@ -165,20 +193,22 @@ def validate(settings: TrainSettings) -> None:
     for path in (s.task_file, s.eval_file):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"no such file: {path}")
-    from bayeslora.methods import METHODS  # the registry fills as method modules are imported
+    from bayeslora.methods import check_method_name  # the registry fills as method modules are imported
 
-    if s.method not in METHODS:
-        raise UsageError(f"unknown method {s.method!r}; valid methods: {', '.join(sorted(METHODS))}")
+    check_method_name(s.method)
     positive = {"lr": s.lr, "epochs": s.epochs, "batch_size": s.batch_size, "grad_accum": s.grad_accum,
                 "r": s.r, "eval_batch_size": s.eval_batch_size, "checkpoint_every": s.checkpoint_every}
     optional_positive = {"max_steps": s.max_steps, "limit_train": s.limit_train, "limit_eval": s.limit_eval,
-                         "samples": s.samples, "early_stopping": s.early_stopping}
+                         "limit_validation": s.limit_validation, "samples": s.samples, "early_stopping": s.early_stopping}
     for name, value in {**positive, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
         if not value > 0:
             raise UsageError(f"{name} must be > 0, got {value}")
     non_negative = {"beta": s.beta, "kl_warmup": s.kl_warmup, "warmup_steps": s.warmup_steps,
-                    "max_grad_norm": s.max_grad_norm, "validation_size": s.validation_size,
+                    "max_grad_norm": s.max_grad_norm, "validation_size": s.validation_size or 0,
                     "entropy_bonus": s.entropy_bonus, "lora_alpha": s.lora_alpha}
+    if s.validation_size is not None and s.task is not None:
+        raise UsageError("validation_size holds questions out of a --task-file; a registry task selects on its "
+                         "validation role (cap it with limit_validation)")
     for name, value in non_negative.items():
         if not value >= 0:
             raise UsageError(f"{name} must be >= 0, got {value}")

@@ -6,8 +6,9 @@
   tokenizer over the fixture's own words (`tokenizers`), saved with
   save_pretrained (safetensors), ~100 KB. Seeded: rebuilding gives the same files.
 - `arith_{train,validation,test}.jsonl`: "What is a plus b?" with 2-4 numeric
-  choices (varying counts exercise choice padding); `shift_test.jsonl`:
+  choices (varying counts exercise choice padding); `shift_{test,validation}.jsonl`:
   "What is a times b?", the out-of-distribution set of the smoke preset.
+  The registry serves them as the tasks `smoke_arith` and `smoke_shift`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> None:
         "arith_validation.jsonl": questions("plus", 16, rng, "validation"),
         "arith_test.jsonl": questions("plus", 24, rng, "test"),
         "shift_test.jsonl": questions("times", 16, rng, "shift"),
+        "shift_validation.jsonl": questions("times", 8, rng, "shift-validation"),
     }
     FIXTURE.mkdir(parents=True, exist_ok=True)
     for name, rows in data.items():

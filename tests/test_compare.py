@@ -11,7 +11,9 @@ pytest.importorskip("bayeslora.train")
 pytest.importorskip("bayeslora.evaluate")
 
 from bayeslora.cli import main  # noqa: E402
-from bayeslora.compare import ALL_METHODS, Grid, collect, markdown_blocks, unit_dir  # noqa: E402
+from bayeslora.compare import Grid  # noqa: E402
+from bayeslora.presets import ALL_METHODS  # noqa: E402
+from bayeslora.report import collect, markdown_blocks  # noqa: E402
 
 
 def _fail(capsys, argv):
@@ -30,7 +32,7 @@ def _fail(capsys, argv):
         (["--tasks", "arc_easy", "--methods", "mle", "--ood-tasks", "arc_challenge"], "--ood-from and --ood-tasks go together"),
         (["--tasks", "arc_easy", "--methods", "mle,mle"], "--methods lists mle more than once"),
         (["--tasks", "arc_easy", "--methods", "mle", "--seeds", "1,x"], "--seeds must be comma-separated integers"),
-        (["--tasks", "arc_easy", "--methods", "mle", "--samples", "0"], "--samples must be at least 1, got 0"),
+        (["--tasks", "arc_easy", "--methods", "mle", "--samples", "0"], "samples must be > 0, got 0"),
         (["--preset", "bogus"], "argument --preset: invalid choice: 'bogus'"),
     ],
 )
@@ -41,13 +43,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, flags
 
 
 def _fake_results(grid, task, method, seed, accuracy, ece, nll):
-    target = unit_dir(grid, task, method, seed) / "eval" / task
+    target = grid.results_dir(task, task, method, seed)
     target.mkdir(parents=True)
     (target / "results.json").write_text(json.dumps({"accuracy_percent": accuracy, "ece_percent": ece, "nll": nll}))
 
 
 def test_tables_are_mean_and_sample_std_over_seeds_with_the_best_in_bold(tmp_path):
-    grid = Grid("m", "cloze", ["a", "b"], ["mle", "blob"], [1, 2], 4, None, [], {}, {}, None, tmp_path)
+    grid = Grid("m", ["a", "b"], ["mle", "blob"], [1, 2], None, [], {"scoring": "cloze"}, {}, tmp_path)
     for seed, (acc_a, acc_b) in {1: (50.0, 70.0), 2: (60.0, 80.0)}.items():
         _fake_results(grid, "a", "mle", seed, acc_a, 10.0, 1.0)
         _fake_results(grid, "b", "mle", seed, acc_b, 20.0, 2.0)
@@ -81,22 +83,22 @@ def test_smoke_preset_runs_every_method_and_a_rerun_reuses_every_unit(tmp_path, 
         assert cost["bayeslora"]["trainable_parameters"] > cost["mle"]["trainable_parameters"]
         markdown = (output / "table.md").read_text()
         assert "N = 2 for every sampling method" in markdown and "scoring: cloze" in markdown
-        results = json.loads((output / "runs/smoke_arith/blob/seed-1/eval/smoke_arith/results.json").read_text())
+        results = json.loads((output / "runs/smoke_arith/blob/seed-1/results.json").read_text())
         assert results["n_samples"] == 2 and results["method"] == "blob"
         fitted = json.loads((output / "runs/smoke_arith/temperature/seed-1/cost.json").read_text())["method_values"]
         assert fitted["temperature"] > 0 and fitted["temperature"] != 1.0
-        ensemble = json.loads((output / "runs/smoke_arith/ensemble/seed-1/eval/smoke_arith/results.json").read_text())
+        ensemble = json.loads((output / "runs/smoke_arith/ensemble/seed-1/results.json").read_text())
         assert ensemble["n_samples"] == 3
         capsys.readouterr()
 
         # an unfinished unit (no cost.json) is redone; every finished one is reused as it is
         (unit_dir_of := output / "runs/smoke_arith/tfb/seed-1/cost.json").unlink()
-        before = (output / "runs/smoke_arith/mle/seed-1/eval/smoke_arith/results.json").read_text()
+        before = (output / "runs/smoke_arith/mle/seed-1/results.json").read_text()
         assert main(["compare", "--preset", "smoke", "--output", str(output)]) == 0
         printed = capsys.readouterr().out
         assert printed.count("finished earlier, reused") == len(ALL_METHODS) - 1
         assert unit_dir_of.is_file()
-        assert (output / "runs/smoke_arith/mle/seed-1/eval/smoke_arith/results.json").read_text() == before
+        assert (output / "runs/smoke_arith/mle/seed-1/results.json").read_text() == before
         # the same directory with other settings is refused
         message = _fail(capsys, ["compare", "--preset", "smoke", "--samples", "3", "--output", str(output)])
         assert "holds a comparison with samples = 2, not 3" in message

@@ -174,3 +174,16 @@ def test_merge_and_unload_bakes_in_the_posterior_mean():
     assert not bayeslora.is_bayesian(merged)
     with torch.no_grad():
         assert torch.allclose(merged(TOKENS).logits, expected, atol=1e-4)
+
+
+def test_paper_constants_are_the_published_ones_and_overridable():
+    config = BayesLoraConfig.paper(target_modules=["q_proj"], prior_sd=1.0)
+    assert (config.prior_sd, config.lambda_init, config.max_lambda, config.sd_init, config.max_sd_u) == (1.0, 1e-3, 0.03, 1e-3, 0.1)
+    from bayeslora.methods import get_method
+
+    method = get_method("bayeslora", constants="paper")
+    model = method.prepare(make_tiny_llama(), dict(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    factor = next(bayeslora.adapter.bayesian_factors(model))
+    assert factor.lam.item() == pytest.approx(1e-3, rel=1e-4) and factor.prior_scale == pytest.approx(0.1 / factor.in_features**0.5)
+    with pytest.raises(ValueError, match="constants must be one of default, paper"):
+        get_method("bayeslora", constants="published")

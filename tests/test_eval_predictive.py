@@ -51,8 +51,8 @@ class ScaledDraws(Method):
     name = "scaled-draws-test"
     default_samples = 3
 
-    def draws(self, model, n_samples, seed):
-        for draw in range(n_samples):
+    def draws(self, model, n_samples=None, seed=0):
+        for draw in range(self.sample_count(n_samples)):
             yield _scale_lm_head(model, draw + 1.0)
 
     def adjust_logits(self, logits):
@@ -84,6 +84,17 @@ def test_predict_averages_softmaxes_of_every_draw_across_batches():
     assert torch.allclose(result.probs.sum(-1), torch.ones(len(questions)))
     assert (result.mutual_information > 0).all() and result.n_samples == 3
     assert result.answers.tolist() == [question.answer for question in questions]
+
+
+def test_the_method_decides_the_number_of_draws_and_predict_counts_them():
+    tokenizer, model = make_tiny_tokenizer(), make_tiny_llama()
+    questions, scorer = load_task_file(FIXTURE)[:4], Scorer(tokenizer, "letter")
+    assert predict(model, scorer, questions, ScaledDraws()).n_samples == 3  # None: the method's default
+    assert predict(model, scorer, questions, ScaledDraws(), n_samples=2).n_samples == 2
+    # an ensemble's members are its draws, whatever is asked
+    ensemble = get_method("ensemble", members=2)
+    peft_model = ensemble.prepare(make_tiny_llama(), {"r": 2, "lora_alpha": 4, "lora_dropout": 0.0, "target_modules": ["q_proj"]})
+    assert predict(peft_model, scorer, questions, ensemble, n_samples=5).n_samples == 2
 
 
 def test_deterministic_model_uses_one_draw_with_zero_mutual_information():

@@ -79,7 +79,7 @@ def test_ensemble_members_train_independently_and_predict_as_separate_adapters()
 
 
 def test_ensemble_rejects_zero_members():
-    with pytest.raises(UsageError, match="members must be >= 1, got 0"):
+    with pytest.raises(UsageError, match="members must be at least 1, got 0"):
         get_method("ensemble", members=0)
 
 

@@ -45,7 +45,7 @@ def test_unknown_task_lists_the_valid_names():
 
 @pytest.mark.parametrize("limit", [0, -3])
 def test_non_positive_limit_is_refused(limit):
-    with pytest.raises(UsageError, match="limit must be a positive"):
+    with pytest.raises(UsageError, match="limit must be at least 1"):
         load_task("arc_easy", limit=limit)
 
 

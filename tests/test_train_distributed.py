@@ -27,7 +27,8 @@ BETA = 20.0
 
 def train_toy(output: Path, accelerator: Accelerator, beta: float = BETA) -> dict[str, torch.Tensor]:
     from bayeslora.checkpoint import trainable_state
-    from bayeslora.train import fit, split_validation
+    from bayeslora.experiment import split_validation
+    from bayeslora.train import fit
     from tests.test_train_loop import ToyLoRA, fixture_questions, settings, tiny_model, tiny_scorer
 
     train, validation = split_validation(fixture_questions(40), 8, seed=0, limit=None)
@@ -43,7 +44,8 @@ def train_bayeslora(output: Path, accelerator: Accelerator) -> dict[str, torch.T
 
     from bayeslora.checkpoint import trainable_state
     from bayeslora.methods import get_method
-    from bayeslora.train import fit, split_validation
+    from bayeslora.experiment import split_validation
+    from bayeslora.train import fit
     from tests.test_train_loop import fixture_questions, settings, tiny_model, tiny_scorer
 
     method = get_method("bayeslora", inducing_rows=3, inducing_cols=3)

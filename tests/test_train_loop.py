@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import bayeslora
 from bayeslora.checkpoint import latest_checkpoint, trainable_state
 from bayeslora.methods.base import Method
-from bayeslora.train import TrainingDiverged, fit, split_validation, task_loss
+from bayeslora.experiment import split_validation
+from bayeslora.train import TrainingDiverged, fit, task_loss
 from bayeslora.methods import get_method
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import Question, load_task_file

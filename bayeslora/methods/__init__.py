@@ -4,7 +4,7 @@ Importing this package registers every method: mle, map, mcdropout, ensemble,
 blob, laplace, laplace_last, temperature, tfb, bayeslora.
 """
 
-from bayeslora.methods.base import METHODS, Method, get_method, register_method
+from bayeslora.methods.base import METHODS, Method, check_method_name, get_method, register_method
 from bayeslora.methods import (  # noqa: F401  (imported for their @register_method side effect)
     bayeslora,
     blob,
@@ -17,4 +17,4 @@ from bayeslora.methods import (  # noqa: F401  (imported for their @register_met
     tfb,
 )
 
-__all__ = ["METHODS", "Method", "get_method", "register_method"]
+__all__ = ["METHODS", "Method", "check_method_name", "get_method", "register_method"]

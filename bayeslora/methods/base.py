@@ -15,7 +15,9 @@ metrics. A method contributes only what differs:
   with the training batches at hand for curvature (Laplace's KFAC);
 - `draws`: one context manager per predictive sample; inside it the model
   computes one member of the predictive mixture (a posterior draw, a dropout
-  mask, an ensemble member);
+  mask, an ensemble member). The method owns the number of draws: `n_samples`
+  None means its `default_samples`; deterministic methods give one draw and an
+  ensemble one per member, whatever is asked;
 - `adjust_logits`: a transform of per-choice logits before the softmax
   (temperature scaling).
 
@@ -34,6 +36,8 @@ from torch import nn
 from bayeslora.errors import UsageError
 
 METHODS: dict[str, type["Method"]] = {}
+#: predictive samples of every sampling method unless asked otherwise (the paper's N)
+PREDICTIVE_SAMPLES = 4
 
 
 def register_method(cls: type["Method"]) -> type["Method"]:
@@ -42,10 +46,15 @@ def register_method(cls: type["Method"]) -> type["Method"]:
     return cls
 
 
+def check_method_name(name: str, where: str = "") -> None:
+    """A `UsageError` listing the valid names unless `name` is a registered method (`where`: e.g. " in --methods")."""
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}{where}; valid methods: {', '.join(sorted(METHODS))}")
+
+
 def get_method(name: str, **options: Any) -> "Method":
     """An instance of the method called `name`; a `UsageError` lists the valid names."""
-    if name not in METHODS:
-        raise UsageError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    check_method_name(name)
     return METHODS[name](**options)
 
 
@@ -60,10 +69,6 @@ class Method:
 
     def __init__(self, **options: Any) -> None:
         self.options = options
-
-    @property
-    def is_stochastic(self) -> bool:
-        return self.default_samples > 1
 
     def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         """Wrap the base causal LM with this method's adapter; `lora` holds r, lora_alpha, lora_dropout, target_modules."""
@@ -98,9 +103,14 @@ class Method:
     ) -> None:
         """Post-hoc fitting on held-out validation data (and, for curvature, the training batches); nothing by default."""
 
-    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
-        """One context per predictive sample; deterministic methods give one empty context."""
+    def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
+        """One context per predictive sample (`n_samples`, None: `default_samples`); deterministic methods
+        give one empty context."""
         yield contextlib.nullcontext()
+
+    def sample_count(self, n_samples: int | None) -> int:
+        """The number of draws of a sampling method: `n_samples`, or its default when None."""
+        return self.default_samples if n_samples is None else n_samples
 
     def adjust_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-choice logits (questions x choices) -> logits fed to the softmax."""

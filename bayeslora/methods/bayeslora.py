@@ -13,7 +13,8 @@ parameters it would change the objective away from the ELBO, so they get
 Each predictive sample is one seeded posterior draw held for every forward
 inside it (`bayeslora.sampling(model, "sample", seed=seed + s, hold=True)`),
 N = 4 by default (the paper's N). Options are passed to `BayesLoraConfig`
-(inducing sizes, prior_sd, flow, which modules are Bayesian, ...).
+(inducing sizes, prior_sd, flow, which modules are Bayesian, ...), on top of
+the library's defaults or, with `constants="paper"`, the published constants.
 """
 
 from __future__ import annotations
@@ -25,19 +26,26 @@ import torch
 from torch import nn
 
 import bayeslora
-from bayeslora.methods.base import Method, register_method
+from bayeslora.errors import UsageError
+from bayeslora.methods.base import PREDICTIVE_SAMPLES, Method, register_method
 from bayeslora.methods.lora import LORA_KEYS
+
+
+#: option `constants`: the library's defaults, or the published ones (`BayesLoraConfig.paper`)
+CONSTANTS = {"default": bayeslora.BayesLoraConfig, "paper": bayeslora.BayesLoraConfig.paper}
 
 
 @register_method
 class BayesLora(Method):
     name: ClassVar[str] = "bayeslora"
-    default_samples: ClassVar[int] = 4
+    default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
     weight_decay: ClassVar[float] = 0.01
 
-    def __init__(self, posterior_weight_decay: float = 0.0, **options: Any) -> None:
+    def __init__(self, constants: str = "default", posterior_weight_decay: float = 0.0, **options: Any) -> None:
+        if constants not in CONSTANTS:
+            raise UsageError(f"bayeslora constants must be one of {', '.join(CONSTANTS)}, got {constants!r}")
         super().__init__(**options)
-        self.posterior_weight_decay = posterior_weight_decay
+        self.constants, self.posterior_weight_decay = constants, posterior_weight_decay
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         posterior = {id(p) for factor in bayeslora.adapter.bayesian_factors(model) for p in factor.parameters()}
@@ -49,13 +57,13 @@ class BayesLora(Method):
 
     def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         settings = {key: lora[key] for key in LORA_KEYS if key in lora}
-        return bayeslora.get_bayeslora_model(model, bayeslora.BayesLoraConfig(**settings, **self.options))
+        return bayeslora.get_bayeslora_model(model, CONSTANTS[self.constants](**settings, **self.options))
 
     def regulariser(
         self, model: nn.Module, n_train: int, step_in_epoch: int = 0, batches_per_epoch: int = 1
     ) -> torch.Tensor:
         return bayeslora.kl_divergence(model) / n_train
 
-    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
-        for sample in range(n_samples):
+    def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
+        for sample in range(self.sample_count(n_samples)):
             yield bayeslora.sampling(model, "sample", seed=seed + sample, hold=True)

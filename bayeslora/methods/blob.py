@@ -45,7 +45,7 @@ from peft import get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from bayeslora.methods.base import Method, register_method
+from bayeslora.methods.base import PREDICTIVE_SAMPLES, Method, register_method
 from bayeslora.methods.lora import lora_config
 
 
@@ -142,7 +142,7 @@ def gaussian_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
 @register_method
 class BLoB(Method):
     name: ClassVar[str] = "blob"
-    default_samples: ClassVar[int] = 4
+    default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
 
     def __init__(self, prior_sd: float = 0.2, kl_reweighting: bool = True, **options: Any) -> None:
         super().__init__(**options)
@@ -173,6 +173,6 @@ class BLoB(Method):
         weight = kl_reweighting(step_in_epoch % m + 1, m) if self.kl_reweighting else 1 / m
         return weight * self.kl_divergence(model)
 
-    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
-        for sample in range(n_samples):
+    def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
+        for sample in range(self.sample_count(n_samples)):
             yield held_draw(model, seed + sample)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, ContextManager
 from peft import PeftModel
 from torch import nn
 
-from bayeslora.errors import UsageError
+from bayeslora.errors import check_count
 from bayeslora.methods.base import Method, register_method
 from bayeslora.methods.lora import lora_config, plain_lora
 
@@ -37,12 +37,13 @@ def member_name(index: int) -> str:
 
 @contextlib.contextmanager
 def active_member(model: PeftModel, index: int) -> Iterator[None]:
-    """Inside: adapter `member_<index>` is the one that runs and trains; member 0 is active again after."""
+    """Inside: adapter `member_<index>` is the one that runs and trains; the adapter active before is active again after."""
+    previous = model.active_adapter
     model.set_adapter(member_name(index))
     try:
         yield
     finally:
-        model.set_adapter(member_name(0))
+        model.set_adapter(previous)
 
 
 @register_method
@@ -51,15 +52,10 @@ class Ensemble(Method):
     default_samples: ClassVar[int] = 3
 
     def __init__(self, members: int = 3, **options: Any) -> None:
-        if members < 1:
-            raise UsageError(f"ensemble members must be >= 1, got {members}")
+        check_count("ensemble members", members)
         super().__init__(**options)
         self.n_members = members
         self.training_member: int | None = None  # set inside `members`: the one being trained
-
-    @property
-    def is_stochastic(self) -> bool:
-        return self.n_members > 1
 
     def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         peft_model = plain_lora(model, lora, adapter_name=member_name(0))
@@ -81,7 +77,7 @@ class Ensemble(Method):
         finally:
             self.training_member = None
 
-    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
+    def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
         """One context per member (`n_samples` does not apply: the members are the samples). While a member
         trains, only that member: the loop's per-epoch model selection then judges the member itself."""
         indices = range(self.n_members) if self.training_member is None else [self.training_member]

@@ -50,7 +50,7 @@ import torch
 from accelerate.utils import tqdm
 from torch import nn
 
-from bayeslora.methods.base import register_method
+from bayeslora.methods.base import PREDICTIVE_SAMPLES, register_method
 from bayeslora.methods.map import MAP
 
 
@@ -171,7 +171,7 @@ def held_sample(posteriors: list[KroneckerPosterior], prior_precision: float, se
 @register_method
 class Laplace(MAP):
     name: ClassVar[str] = "laplace"
-    default_samples: ClassVar[int] = 4
+    default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
     last_block_only: ClassVar[bool] = False
 
     def __init__(
@@ -217,8 +217,8 @@ class Laplace(MAP):
         log_softmax = torch.log_softmax(choice_logits(model, batch).float(), -1)
         return log_softmax.gather(1, batch["answers"].to(log_softmax.device).view(-1, 1)).squeeze(1)
 
-    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
-        for sample in range(n_samples):
+    def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
+        for sample in range(self.sample_count(n_samples)):
             yield held_sample(self.posteriors, self.prior_precision, seed + sample)
 
 

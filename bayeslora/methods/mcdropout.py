@@ -20,7 +20,7 @@ from typing import Any, ClassVar, ContextManager
 import torch
 from torch import nn
 
-from bayeslora.methods.base import register_method
+from bayeslora.methods.base import PREDICTIVE_SAMPLES, register_method
 from bayeslora.methods.mle import MLE
 from bayeslora.methods.lora import plain_lora
 
@@ -50,7 +50,7 @@ def active_lora_dropout(model: nn.Module, seed: int) -> Iterator[None]:
 @register_method
 class MCDropout(MLE):
     name: ClassVar[str] = "mcdropout"
-    default_samples: ClassVar[int] = 4
+    default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
 
     def __init__(self, dropout: float = 0.1, **options: Any) -> None:
         super().__init__(**options)
@@ -59,6 +59,6 @@ class MCDropout(MLE):
     def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         return plain_lora(model, lora, lora_dropout=lora.get("lora_dropout") or self.dropout)
 
-    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
-        for sample in range(n_samples):
+    def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
+        for sample in range(self.sample_count(n_samples)):
             yield active_lora_dropout(model, seed + sample)

@@ -33,7 +33,7 @@ import torch
 from accelerate.utils import tqdm
 from torch import nn
 
-from bayeslora.methods.base import register_method
+from bayeslora.methods.base import PREDICTIVE_SAMPLES, register_method
 from bayeslora.methods.blob import gaussian_layers, gaussian_lora, held_draw
 from bayeslora.methods.map import MAP
 
@@ -65,7 +65,7 @@ def set_sigma(scales: list[tuple[nn.Parameter, torch.Tensor]], sigma: float) -> 
 @register_method
 class TFB(MAP):
     name: ClassVar[str] = "tfb"
-    default_samples: ClassVar[int] = 4
+    default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
 
     def __init__(
         self, budget: float = 0.01, sigma_max: float = 0.2, search_steps: int = 10, search_samples: int = 4, **options: Any
@@ -122,8 +122,8 @@ class TFB(MAP):
             with context:
                 yield
 
-    def draws(self, model: nn.Module, n_samples: int, seed: int) -> Iterator[ContextManager]:
-        for sample in range(n_samples):
+    def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
+        for sample in range(self.sample_count(n_samples)):
             yield held_draw(model, seed + sample)
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from bayeslora.errors import UsageError
+from bayeslora.errors import UsageError, check_count
 from bayeslora.tasks.hub import load_hub
-from bayeslora.tasks.jsonl import load_task_file
+from bayeslora.tasks.jsonl import load_packaged, load_task_file
 from bayeslora.tasks.offline import load_offline
 from bayeslora.tasks.question import Question
 from bayeslora.tasks.registry import EVALUATION_ROLE, ROLES, SUBSET_SEED, TASKS, SplitSource, TaskSpec
@@ -46,10 +46,10 @@ def load_task(name: str, split: str = EVALUATION_ROLE, source: str = "offline", 
         raise UsageError(f"task {name!r} has no {split!r} split; its splits: {', '.join(spec.roles)}")
     if source not in SOURCES:
         raise UsageError(f"unknown source {source!r}; valid sources: {', '.join(SOURCES)}")
-    if limit is not None and limit < 1:
-        raise UsageError(f"limit must be a positive number of questions, got {limit}")
+    check_count("limit", limit)
     role = spec.roles[split]
-    questions = _select(SOURCES[source](spec.family, role.split, spec.subjects), role)[:limit]
+    loader = load_packaged if spec.packaged else SOURCES[source]
+    questions = _select(loader(spec.family, role.split, spec.subjects), role)[:limit]
     if not questions:
         raise UsageError(f"split {split!r} of task {name!r} is empty")
     return questions

@@ -61,3 +61,12 @@ def load_task_file(path: str | Path) -> list[Question]:
     if not questions:
         raise UsageError(f"task file {str(path)!r} holds no questions")
     return questions
+
+
+#: the package's own small tasks (the smoke preset's): <family>_<split>.jsonl
+PACKAGED = Path(__file__).resolve().parents[1] / "fixtures" / "smoke"
+
+
+def load_packaged(family: str, split: str, subjects: tuple[str, ...] = ()) -> list[Question]:
+    """A split of a task shipped with the package, the same whatever the source."""
+    return load_task_file(PACKAGED / f"{family}_{split}.jsonl")

@@ -54,6 +54,7 @@ class TaskSpec:
     description: str
     roles: dict[str, SplitSource]
     subjects: tuple[str, ...] = field(default=())  # MMLU groups only
+    packaged: bool = False  # read from the package's own files (bayeslora/fixtures/smoke), whatever the source
 
 
 def _official(train: str = "train", validation: str = "validation", test: str = "test") -> dict[str, SplitSource]:
@@ -124,6 +125,12 @@ _TASK_LIST = [
         subjects,
     )
     for name, subjects in MMLU_GROUPS.items()
+] + [
+    # tiny tasks for the tiny fixture model: every command runs on them in seconds (`compare --preset smoke`)
+    TaskSpec("smoke_arith", "arith", "smoke fixture: 'What is a plus b?' (2-4 numeric choices)",
+             _official(), packaged=True),
+    TaskSpec("smoke_shift", "shift", "smoke fixture: 'What is a times b?', a shifted evaluation set",
+             {"validation": SplitSource("validation"), "test": SplitSource("test")}, packaged=True),
 ]
 
 TASKS: dict[str, TaskSpec] = {task.name: task for task in _TASK_LIST}

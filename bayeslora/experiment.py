@@ -1,0 +1,199 @@
+"""One experiment: validated settings in, a trained adapter and its evaluations out; and `bayeslora train`.
+
+    bayeslora train --model smollm2-135m --task arc_easy --method bayeslora --scoring cloze --output runs/a
+
+`run_experiment` is the one way an adapter is trained and evaluated:
+`bayeslora train` calls it once, and each unit of `bayeslora compare` calls it
+with its (task, method, seed). In order: load the questions, the model and
+tokenizer, the scorer and the method; optionally evaluate the base model
+(zero_shot/); seed and build the method's adapter (`prepare`); train it with
+the one loop (`train.fit`, which ends with the method's post-hoc fit); save the
+adapter; evaluate it with the one evaluation path.
+
+Data (docs/protocol.md, "Validation"): a registry task trains on its train
+role, selects (best epoch, early stopping) and fits post hoc (temperature,
+Laplace prior, TFB) on its validation role, and is evaluated on its test role.
+A --task-file has no roles: `validation_size` of its questions are held out
+(seeded by `validation_seed`) for selection and post-hoc fitting, and
+--eval-file is evaluated. Extra evaluation tasks (compare's out-of-distribution
+sets) are evaluated on their test role into `<output>/eval/<task>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from bayeslora.checkpoint import check_output_dir, start_run_dir
+from bayeslora.errors import UsageError
+from bayeslora.evaluate import evaluate, write_outputs
+from bayeslora.files import write_atomically, write_files_atomically
+from bayeslora.methods import Method, get_method
+from bayeslora.models import load_model
+from bayeslora.scoring import Scorer
+from bayeslora.tasks import EVALUATION_ROLE, Question, load_task, load_task_file
+from bayeslora.train import TrainingDiverged, fit
+from bayeslora.train_settings import FILE_VALIDATION_SIZE, TrainSettings, add_arguments, settings_from_args
+
+__all__ = ["Experiment", "add_arguments", "load_questions", "run", "run_experiment", "split_validation"]
+
+
+@dataclass
+class Experiment:
+    """What one run produced (on the main process): its evaluations and what it cost."""
+
+    method: Method
+    n_train: int
+    n_validation: int
+    trainable_parameters: int
+    train_seconds: float
+    device: str
+    evaluation: dict[str, Any] | None  # the task's test role or --eval-file; None without one
+    extra_evaluations: dict[str, dict[str, Any]]  # task name -> results of its test role
+    zero_shot: dict[str, Any] | None
+
+
+def split_validation(questions: Sequence, size: int, seed: int, limit: int | None) -> tuple[list, list]:
+    """Hold out `size` questions (seeded) for model selection; the rest, capped at `limit`, is for training."""
+    if size >= len(questions):
+        raise UsageError(f"validation_size {size} leaves no training questions (the training split has {len(questions)})")
+    order = torch.randperm(len(questions), generator=torch.Generator().manual_seed(seed)).tolist()
+    validation = [questions[i] for i in order[:size]]
+    train = [questions[i] for i in sorted(order[size:])]
+    return train[:limit], validation
+
+
+def load_questions(settings: TrainSettings) -> tuple[list[Question], list[Question], list[Question]]:
+    """(train, validation, evaluation) questions of the run; see the module docstring."""
+    s = settings
+    if s.task is not None:
+        train = load_task(s.task, "train", source=s.source, limit=s.limit_train)
+        validation = load_task(s.task, "validation", source=s.source, limit=s.limit_validation)
+        return train, validation, load_task(s.task, EVALUATION_ROLE, source=s.source, limit=s.limit_eval)
+    size = FILE_VALIDATION_SIZE if s.validation_size is None else s.validation_size
+    train, validation = split_validation(load_task_file(s.task_file), size, s.validation_seed, s.limit_train)
+    evaluation = load_task_file(s.eval_file)[: s.limit_eval] if s.eval_file else []
+    return train, validation[: s.limit_validation], evaluation
+
+
+def trainable_parameters(model: nn.Module, method: Method) -> int:
+    """Parameters the loop trains, summed over an ensemble's members."""
+    total = 0
+    for member in method.members(model):
+        with member:
+            total += sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total
+
+
+def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = (), *, resume: bool = False,
+                   overwrite: bool = False) -> Experiment | None:
+    """Train and evaluate one adapter into `settings.output` (see the module docstring); None on other processes.
+
+    `extra_eval_tasks`: registry tasks also evaluated (test role) into `<output>/eval/<task>/`. `resume`
+    continues the run in the output directory from its checkpoints, `overwrite` replaces it; raises
+    `train.TrainingDiverged` when the loss stops being finite.
+    """
+    output = Path(settings.output)
+    identity = settings.run_identity()
+    check_output_dir(output, identity, resume=resume, overwrite=overwrite)
+    train, validation, evaluation = load_questions(settings)
+    extras = {task: load_task(task, EVALUATION_ROLE, source=settings.source, limit=settings.limit_eval)
+              for task in extra_eval_tasks}
+    method = get_method(settings.method, **settings.method_options)
+    model, tokenizer = load_model(settings.model)
+    scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization)
+    # fail before writing anything if this tokenizer cannot score the task (e.g. letter labels that are not tokens)
+    every = [*train, *validation, *evaluation, *(q for questions in extras.values() for q in questions)]
+    scorer.collate([max(every, key=lambda question: len(question.choices))])
+    # without a GPU, accelerate runs several launched processes as one gloo group only when told cpu=True
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
+        raise UsageError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
+                         f"{accelerator.num_processes}; check the accelerate launch settings")
+    if accelerator.is_main_process:
+        start_run_dir(output, identity, resume=resume, overwrite=overwrite)
+    accelerator.wait_for_everyone()
+
+    zero_shot = None
+    if settings.zero_shot and evaluation and accelerator.is_main_process:
+        if (output / "zero_shot" / "results.json").is_file():  # a resumed run evaluated the base model already
+            zero_shot = json.loads((output / "zero_shot" / "results.json").read_text())
+        else:
+            zero_shot = evaluate_into(output / "zero_shot", model, tokenizer, evaluation, None, settings, adapter=None)
+    accelerator.wait_for_everyone()
+
+    set_seed(settings.seed)  # the adapter initialisation: the same on every process
+    lora = {"r": settings.r, "lora_alpha": settings.lora_alpha, "lora_dropout": settings.lora_dropout,
+            "target_modules": list(settings.target_modules)}
+    model = method.prepare(model, lora)
+    set_seed(settings.seed, device_specific=True)  # posterior draws and dropout: one stream per process
+    start = time.perf_counter()
+    results = fit(model, scorer, method, train, validation, settings, output, accelerator, resume=resume)
+    train_seconds = time.perf_counter() - start
+    if not accelerator.is_main_process:
+        return None
+    write_files_atomically(output, model.save_pretrained)  # the adapter, in peft format
+    summary = {"n_train": len(train), "n_validation": len(validation), "members": [dataclasses.asdict(r) for r in results]}
+    write_atomically(output / "training.json", json.dumps(summary, indent=1))
+    after = None
+    if evaluation:
+        after = evaluate_into(output, model, tokenizer, evaluation, method, settings, adapter=str(output),
+                              method_name=settings.method)
+    extra_results = {task: evaluate_into(output / "eval" / task, model, tokenizer, questions, method, settings,
+                                         adapter=str(output), method_name=settings.method, task=task,
+                                         split=EVALUATION_ROLE, train_task=settings.task or settings.task_file)
+                     for task, questions in extras.items()}
+    return Experiment(method, len(train), len(validation), trainable_parameters(model, method), train_seconds,
+                      str(accelerator.device), after, extra_results, zero_shot)
+
+
+def evaluate_into(directory: Path, model: nn.Module, tokenizer, questions: Sequence, method, settings: TrainSettings,
+                  **description: Any) -> dict[str, Any]:
+    """The protocol's evaluation path: results.json, predictions.jsonl, reliability.png in `directory`."""
+    results, predictions = evaluate(model, tokenizer, questions, settings.scoring, method, settings.samples,
+                                    settings.seed, settings.eval_batch_size, settings.normalization, progress=True)
+    results = {"task": settings.task, "task_file": settings.eval_file, "split": EVALUATION_ROLE if settings.task else None,
+               "model": settings.model, "limit_eval": settings.limit_eval, **description, **results}
+    write_outputs(directory, results, questions, predictions)
+    return results
+
+
+def print_summary(before: dict | None, after: dict, output: Path) -> None:
+    table = Table(title=f"{after['task'] or after['task_file']}: {after['n_examples']} evaluation questions, "
+                        f"{after['scoring']} scoring")
+    for column in ("model", "draws", "ACC %", "ECE %", "NLL (nats)"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, results in (("zero-shot", before), ("fine-tuned", after)):
+        if results is not None:
+            table.add_row(name, str(results["n_samples"]), f"{results['accuracy_percent']:.1f}",
+                          f"{results['ece_percent']:.1f}", f"{results['nll']:.3f}")
+    Console().print(table)
+    print(f"reliability diagram: {output / 'reliability.png'}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`bayeslora train`."""
+    settings = settings_from_args(args)
+    try:
+        experiment = run_experiment(settings, resume=args.resume, overwrite=args.overwrite)
+    except TrainingDiverged as error:
+        print(f"bayeslora: training stopped: {error}", file=sys.stderr)
+        return 1
+    if experiment is not None and experiment.evaluation is not None:
+        print_summary(experiment.zero_shot, experiment.evaluation, Path(settings.output))
+    return 0
