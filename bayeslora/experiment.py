@@ -47,6 +47,7 @@ from bayeslora.methods import Method, get_method
 from bayeslora.models import load_model
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import EVALUATION_ROLE, Question, load_task, load_task_file
+from bayeslora.tracking import accelerator_options, start_tracking
 from bayeslora.train import TrainingDiverged, fit
 from bayeslora.train_settings import FILE_VALIDATION_SIZE, TrainSettings, add_arguments, settings_from_args
 
@@ -121,13 +122,14 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     every = [*train, *validation, *evaluation, *(q for questions in extras.values() for q in questions)]
     scorer.collate([max(every, key=lambda question: len(question.choices))])
     # without a GPU, accelerate runs several launched processes as one gloo group only when told cpu=True
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_options(settings.report_to, output))
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         raise UsageError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
                          f"{accelerator.num_processes}; check the accelerate launch settings")
     if accelerator.is_main_process:
         start_run_dir(output, identity, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
+    start_tracking(accelerator, settings.report_to, identity, run_name=str(output))
 
     zero_shot = None
     if settings.zero_shot and evaluation and accelerator.is_main_process:
@@ -145,6 +147,7 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     start = time.perf_counter()
     results = fit(model, scorer, method, train, validation, settings, output, accelerator, resume=resume)
     train_seconds = time.perf_counter() - start
+    accelerator.end_training()  # closes the tracker's run (nothing without one)
     if not accelerator.is_main_process:
         return None
     write_files_atomically(output, model.save_pretrained)  # the adapter, in peft format

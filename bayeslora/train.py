@@ -81,9 +81,9 @@ def task_loss(logits: torch.Tensor, answers: torch.Tensor, label_smoothing: floa
 
 
 def validation_nll(model: nn.Module, scorer, method, questions: Sequence, n_samples: int | None, seed: int,
-                   batch_size: int) -> float:
+                   batch_size: int, progress: bool = False) -> float:
     """NLL (nats per question) of the method's predictive, mean over draws of softmax(z), on held-out questions."""
-    predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size)
+    predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size, progress)
     return nll(predictions.probs, predictions.answers)
 
 
@@ -137,7 +137,8 @@ def fit(
         with member:
             results.append(_fit_member(model, scorer, method, train_questions, validation_questions, settings, folder,
                                        accelerator, settings.seed + index,
-                                       resume=resume and latest_checkpoint(folder) is not None))
+                                       resume=resume and latest_checkpoint(folder) is not None,
+                                       tracker_prefix="" if len(members) == 1 else f"member-{index}/"))
     model.eval()
     batches = partial(_batches, scorer, batch_size=settings.eval_batch_size, device=accelerator.device)
     method.after_training(model, batches(validation_questions), scorer.choice_logits, train_batches=batches(train_questions))
@@ -149,8 +150,13 @@ def _batches(scorer, questions: Sequence, batch_size: int, device: torch.device)
 
 
 def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, validation_questions: Sequence,
-                settings: TrainSettings, output: Path, accelerator: Accelerator, seed: int, resume: bool) -> FitResult:
-    """`fit` for one member (the whole model for single-adapter methods), data order seeded with `seed`."""
+                settings: TrainSettings, output: Path, accelerator: Accelerator, seed: int, resume: bool,
+                tracker_prefix: str) -> FitResult:
+    """`fit` for one member (the whole model for single-adapter methods), data order seeded with `seed`.
+
+    Each train_log.jsonl record and validation NLL also goes to the accelerator's tracker (if any), keys
+    prefixed with `tracker_prefix`.
+    """
     s = settings
     per_step = accelerator.num_processes * s.grad_accum
     if s.batch_size % per_step:
@@ -230,13 +236,15 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
         if log is not None:
             log.write(json.dumps(record) + "\n")
             log.flush()
+        accelerator.log({tracker_prefix + key: value for key, value in record.items()}, step=record["step"])
         bar.update(1)
         bar.set_postfix(nll=f"{sum(recent_nll) / len(recent_nll):.3f}", kl=f"{record['kl']:.3g}", lr=f"{lr:.2g}")
 
         epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
         if epoch_end and validation_questions:
             value = validation_nll(unwrapped, scorer, method, validation_questions, s.samples, s.seed,
-                                   s.eval_batch_size)
+                                   s.eval_batch_size, progress=accelerator.is_main_process)
+            accelerator.log({tracker_prefix + "validation_nll": value}, step=state["step"])
             state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, "validation_nll": value})
             if state["best_validation_nll"] is None or value < state["best_validation_nll"]:
                 state.update(best_step=state["step"], best_validation_nll=value, epochs_without_improvement=0)
