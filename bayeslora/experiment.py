@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -77,6 +77,14 @@ def split_validation(questions: Sequence, size: int, seed: int, limit: int | Non
     validation = [questions[i] for i in order[:size]]
     train = [questions[i] for i in sorted(order[size:])]
     return train[:limit], validation
+
+
+def check_not_sharded(distributed_type: DistributedType) -> None:
+    """Refuse FSDP, DeepSpeed and Megatron launches: the loop's checkpoints, best-epoch copies and adapter saves
+    read whole parameters on the main process, which a sharded model does not hold (docs/training.md)."""
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise UsageError(f"bayeslora train runs on one process or several under DDP, not under {distributed_type.value}: "
+                         "its checkpoints and adapter saves would hold one process's shard only")
 
 
 def load_questions(settings: TrainSettings) -> tuple[list[Question], list[Question], list[Question]]:
@@ -126,6 +134,7 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         raise UsageError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
                          f"{accelerator.num_processes}; check the accelerate launch settings")
+    check_not_sharded(accelerator.distributed_type)
     if accelerator.is_main_process:
         start_run_dir(output, identity, resume=resume, overwrite=overwrite)
     accelerator.wait_for_everyone()
