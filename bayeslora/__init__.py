@@ -11,7 +11,6 @@ from bayeslora.adapter import (
     is_bayesian,
     kl_divergence,
     load_bayeslora_model,
-    mean_lambda,
     sampling,
 )
 from bayeslora.config import BayesLoraConfig
@@ -34,6 +33,5 @@ __all__ = [
     "is_bayesian",
     "kl_divergence",
     "load_bayeslora_model",
-    "mean_lambda",
     "sampling",
 ]

@@ -102,12 +102,6 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
     return torch.stack([kl_terms(group).sum() for group in groups]).sum()
 
 
-def mean_lambda(model: nn.Module) -> float:
-    """Mean conditional noise scale lambda over the factors (for logging)."""
-    with torch.no_grad():
-        return torch.stack([factor.lam for factor in bayesian_factors(model)]).mean().item()
-
-
 @contextmanager
 def sampling(model: nn.Module, mode: str = "sample", seed: int | None = None, hold: bool = False):
     """Set how every Bayesian factor of `model` draws its weight inside the block.

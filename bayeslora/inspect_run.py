@@ -120,5 +120,5 @@ def run(args: argparse.Namespace) -> int:
     if results is not None:
         console.print(f"evaluation: {results['n_examples']} questions, {results['n_samples']} draws: "
                       f"ACC {results['accuracy_percent']:.1f}%  ECE {results['ece_percent']:.1f}%  NLL {results['nll']:.3f}")
-    console.print(verdict(records, history, results))
+    print(verdict(records, history, results))  # one line, never wrapped
     return 0

@@ -1,8 +1,9 @@
 """Experiment tracking through accelerate's trackers: `--report-to tensorboard|wandb|trackio|mlflow|none`.
 
 A run (`bayeslora train`, or one unit of `bayeslora compare`) logs to the tracker
-exactly the records of its train_log.jsonl (one per optimizer step, at that step)
-and each epoch's validation NLL; an ensemble's members log under `member-<k>/`.
+exactly the records of its train_log.jsonl (one per optimizer step, at that step),
+nested values flattened into `/`-joined names (`validation/validation_nll`,
+`relative_update/<module>`); an ensemble's members log under `member-<k>/`.
 The run's settings are stored as the tracker's configuration. Project
 "bayeslora"; the run is named after its output directory (compare: task /
 method / seed). TensorBoard writes into `<output>/tracking/`; wandb, trackio and
@@ -39,6 +40,17 @@ def check_report_to(report_to: str) -> None:
         raise UsageError(f"unknown --report-to {report_to!r}; valid: {', '.join(REPORT_TO)}")
     if report_to != "none" and not TRACKERS[report_to]():
         raise UsageError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}")
+
+
+def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numbers of a (nested) train_log.jsonl record, under `/`-joined names starting with `prefix`."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[prefix + key] = value
+    return flat
 
 
 def accelerator_options(report_to: str, output: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,11 +43,13 @@ from bayeslora.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
+from bayeslora.diagnostics import collapse_message, draw_disagreement, posterior_state, relative_updates
 from bayeslora.errors import UsageError
 from bayeslora.files import write_atomically
 from bayeslora.metrics import nll
 from bayeslora.predictive import predict
 from bayeslora.schedules import KLWeighting, lr_scheduler
+from bayeslora.tracking import scalars
 from bayeslora.train_settings import TrainSettings
 
 __all__ = ["FitResult", "TrainingDiverged", "fit", "task_loss"]
@@ -80,11 +83,12 @@ def task_loss(logits: torch.Tensor, answers: torch.Tensor, label_smoothing: floa
     return loss.mean(), nll.mean()
 
 
-def validation_nll(model: nn.Module, scorer, method, questions: Sequence, n_samples: int | None, seed: int,
-                   batch_size: int, progress: bool = False) -> float:
-    """NLL (nats per question) of the method's predictive, mean over draws of softmax(z), on held-out questions."""
+def validate(model: nn.Module, scorer, method, questions: Sequence, n_samples: int | None, seed: int,
+             batch_size: int, progress: bool = False) -> dict[str, Any]:
+    """On held-out questions: the NLL (nats per question) of the method's predictive, mean over draws of
+    softmax(z), and how much the draws disagree (mutual information, draw spread; see `diagnostics`)."""
     predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size, progress)
-    return nll(predictions.probs, predictions.answers)
+    return {"validation_nll": nll(predictions.probs, predictions.answers), **draw_disagreement(predictions)}
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -154,8 +158,8 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
                 tracker_prefix: str) -> FitResult:
     """`fit` for one member (the whole model for single-adapter methods), data order seeded with `seed`.
 
-    Each train_log.jsonl record and validation NLL also goes to the accelerator's tracker (if any), keys
-    prefixed with `tracker_prefix`.
+    Each train_log.jsonl record also goes to the accelerator's tracker (if any), its keys prefixed with
+    `tracker_prefix`.
     """
     s = settings
     per_step = accelerator.num_processes * s.grad_accum
@@ -231,27 +235,35 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step + 1
 
-        record = step_record(unwrapped, step + 1, epoch + 1, totals, kl.divisor, weight, lr, time.perf_counter() - started)
+        record = step_record(unwrapped, step + 1, epoch + 1, totals, kl.divisor, len(train_questions), weight, lr,
+                             time.perf_counter() - started)
         recent_nll.append(record["nll"])
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        accelerator.log({tracker_prefix + key: value for key, value in record.items()}, step=record["step"])
-        bar.update(1)
-        bar.set_postfix(nll=f"{sum(recent_nll) / len(recent_nll):.3f}", kl=f"{record['kl']:.3g}", lr=f"{lr:.2g}")
 
         epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
         if epoch_end and validation_questions:
-            value = validation_nll(unwrapped, scorer, method, validation_questions, s.samples, s.seed,
-                                   s.eval_batch_size, progress=accelerator.is_main_process)
-            accelerator.log({tracker_prefix + "validation_nll": value}, step=state["step"])
-            state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, "validation_nll": value})
+            validation = validate(unwrapped, scorer, method, validation_questions, s.samples, s.seed, s.eval_batch_size,
+                                  progress=accelerator.is_main_process)
+            record["validation"] = validation
+            state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, **validation})
+            message = collapse_message(validation["mutual_information"], record) if "lambda_mean" in record else None
+            if message and not state.get("collapse_reported") and accelerator.is_main_process:
+                tqdm.write(f"bayeslora: warning: {message}", file=sys.stderr)
+                state["collapse_reported"] = True
+            value = validation["validation_nll"]
             if state["best_validation_nll"] is None or value < state["best_validation_nll"]:
                 state.update(best_step=state["step"], best_validation_nll=value, epochs_without_improvement=0)
                 best_adapter = trainable_state(unwrapped)
             else:
                 state["epochs_without_improvement"] += 1
                 state["stopped_early"] = s.early_stopping is not None and state["epochs_without_improvement"] >= s.early_stopping
+        if log is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        accelerator.log(scalars(record, tracker_prefix), step=record["step"])
+        bar.update(1)
+        last_mi = state["validation_history"][-1]["mutual_information"] if state["validation_history"] else None
+        bar.set_postfix(nll=f"{sum(recent_nll) / len(recent_nll):.3f}", kl_per_example=f"{record['kl_per_example']:.3g}",
+                        mi="-" if last_mi is None else f"{last_mi:.2g}", lr=f"{lr:.2g}")
         if epoch_end or state["step"] % s.checkpoint_every == 0:
             save_checkpoint(output, accelerator, unwrapped, optimizer, scheduler, state, best_adapter)
     bar.close()
@@ -263,16 +275,25 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
                      state["validation_history"])
 
 
-def step_record(model: nn.Module, step: int, epoch: int, totals: torch.Tensor, kl_divisor: float, weight: float,
-                lr: float, seconds: float) -> dict[str, Any]:
+def step_record(model: nn.Module, step: int, epoch: int, totals: torch.Tensor, kl_divisor: float, n_train: int,
+                weight: float, lr: float, seconds: float) -> dict[str, Any]:
     """The train_log.jsonl line of one optimizer step (1-based `step` and `epoch`): every per-step diagnostic goes here.
 
-    `totals` holds the step's mean loss, NLL and regulariser; `kl` is the regulariser times its divisor.
+    `totals` holds the step's mean loss, NLL and regulariser; `kl` is the regulariser times its divisor (for
+    Bayesian-LoRA the model's KL in nats), `kl_per_example` that over the `n_train` training questions. For a
+    Bayesian model the record adds the posterior's state (`diagnostics.posterior_state`), its KL parts per
+    training example; for every LoRA model the relative update size per target module.
     """
     record = {"step": step, "epoch": epoch, "loss": totals[0].item(), "nll": totals[1].item(),
-              "kl": totals[2].item() * kl_divisor, "beta": weight, "lr": lr, "seconds": seconds}
+              "kl": totals[2].item() * kl_divisor, "kl_per_example": totals[2].item() * kl_divisor / n_train,
+              "beta": weight, "lr": lr, "seconds": seconds}
     if bayeslora.is_bayesian(model):
-        record["mean_lambda"] = bayeslora.mean_lambda(model)
+        state = posterior_state(model)
+        state["kl_inducing_per_example"] = state.pop("kl_inducing") / n_train
+        state["kl_conditional_per_example"] = state.pop("kl_conditional") / n_train
+        record.update(state)
+    else:
+        record["relative_update"] = relative_updates(model)
     return record
 
 

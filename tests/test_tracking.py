@@ -32,15 +32,28 @@ def test_tensorboard_gets_the_train_log_records_and_validation_nll(files, tmp_pa
     arguments = command(files, output, "--report-to", "tensorboard", "--no-zero-shot")
     arguments[arguments.index("--method") + 1] = method
     assert main(arguments) == 0
-    scalars = tensorboard_scalars(output / "tracking")
+    logged = tensorboard_scalars(output / "tracking")
     for prefix in prefixes:
         log = output / prefix / "train_log.jsonl"
         records = [json.loads(line) for line in log.read_text().splitlines()]
-        assert len(records) == 3
+        assert len(records) == 3 and "validation" in records[-1]
         for record in records:
-            for key, value in record.items():
-                assert scalars[prefix + key][record["step"]] == pytest.approx(value, rel=1e-6, abs=1e-12), key
-        assert set(scalars[prefix + "validation_nll"]) == {3}
+            numbers = flatten(record)
+            assert "validation/validation_nll" in numbers or "validation" not in record
+            for key, value in numbers.items():
+                assert logged[prefix + key][record["step"]] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+        assert set(logged) >= {prefix + key for key in flatten(records[-1])}
+
+
+def flatten(record: dict, prefix: str = "") -> dict[str, float]:
+    """The test's own flattening of a nested record: numbers only, names joined with '/'."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        elif type(value) in (int, float):
+            flat[prefix + key] = value
+    return flat
 
 
 def test_report_to_is_checked_and_does_not_define_the_run(files, tmp_path, capsys, monkeypatch):

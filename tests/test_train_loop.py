@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import bayeslora
 from bayeslora.checkpoint import latest_checkpoint, trainable_state
+from bayeslora.diagnostics import posterior_state
 from bayeslora.methods.base import Method
 from bayeslora.experiment import split_validation
 from bayeslora.train import TrainingDiverged, fit, task_loss
@@ -213,7 +214,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 
 @pytest.mark.parametrize("scoring", ["letter", "cloze"])
-def test_bayesian_run_logs_kl_beta_mean_lambda_and_lr(tmp_path, scoring):
+def test_bayesian_run_logs_kl_beta_posterior_state_and_lr(tmp_path, scoring):
     method = get_method("bayeslora", inducing_rows=3, inducing_cols=3)
     train, validation = split_validation(fixture_questions(24), 8, seed=0, limit=None)
     model = tiny_model(method)
@@ -223,6 +224,15 @@ def test_bayesian_run_logs_kl_beta_mean_lambda_and_lr(tmp_path, scoring):
     assert [r["beta"] for r in log] == pytest.approx([0.125, 0.25, 0.375, 0.5])
     assert [r["lr"] for r in log] == pytest.approx([1e-2, 0.75e-2, 0.5e-2, 0.25e-2])
     assert all(r["kl"] > 0 for r in log)
-    assert log[-1]["mean_lambda"] == pytest.approx(bayeslora.mean_lambda(model))
+    state = posterior_state(model)
+    for key in ("lambda_mean", "lambda_max", "sd_mean", "sd_max"):
+        assert log[-1][key] == pytest.approx(state[key])
+    assert log[-1]["relative_update"] == pytest.approx(state["relative_update"])
+    # the KL parts add up to the logged KL (the flow part is a one-sample estimate: same order, not equal)
+    for r in log:
+        assert r["kl_per_example"] == pytest.approx(r["kl"] / len(train))
+        assert r["kl_conditional_per_example"] > 0 and r["kl_inducing_per_example"] > 0
+    validation = [r["validation"] for r in log if "validation" in r]
+    assert len(validation) == 1 and validation[0]["mutual_information"] >= 0 and validation[0]["draw_spread"] >= 0
     # loss = NLL + beta * KL / N_train, from the same draw
     assert all(r["loss"] == pytest.approx(r["nll"] + r["beta"] * r["kl"] / len(train), rel=1e-5) for r in log)
