@@ -10,8 +10,9 @@
 
 Everything `BayesLoraTrainer` does (KL term and schedules, one held draw per step, logging,
 peft-format saves) on top of TRL's supervised fine-tuning. `peft_config=BayesLoraConfig(...)` with a
-plain base model works too (TRL wraps it with peft's `get_peft_model`; the factors then draw one by
-one instead of in shape-batched groups, same result, a little slower).
+plain base model works too: TRL wraps it with peft's `get_peft_model`, which skips
+`get_bayeslora_model`'s check that every `bayesian_modules` entry names a target; training draws
+are the same, and forward passes outside training draw factor by factor (a little slower).
 """
 
 from trl import SFTTrainer
