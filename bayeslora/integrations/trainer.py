@@ -23,11 +23,13 @@ optimizer step, whatever the gradient accumulation, and under DDP once overall (
 averaged). Each micro-batch's forward and backward passes see one posterior draw, held, so
 activation checkpointing recomputes with the same draw.
 
-Logged with the Trainer's `loss` (means since the previous log, like the loss): `nll` (the task
-loss alone), `kl` (nats, summed over factors), `beta` (w), `mean_lambda` and `mutual_information`:
-the predictive spread, `H[mean_s p_s] - mean_s H[p_s]` of the next-token distributions of
-`spread_samples` seeded posterior draws (nats per non-padding position, dropout off), computed on
-the first micro-batch of every logging step. The names are those of `train_log.jsonl`.
+Logged with the Trainer's `loss`, as means since the previous log like the loss: `nll` (the task
+loss alone), `kl` (nats, summed over factors), `beta` (w) and `mutual_information`: the predictive
+spread, `H[mean_s p_s] - mean_s H[p_s]` of the next-token distributions of `spread_samples` seeded
+posterior draws (nats per non-padding position, dropout off), computed on the first micro-batch of
+every logging step. With them, the posterior's state at the log (`bayeslora.diagnostics.posterior_state`:
+`lambda_mean`, `lambda_max`, `sd_mean`, `sd_max`, `kl_inducing`, `kl_conditional`,
+`relative_update/<module>`). The names are those of `train_log.jsonl`.
 
 `args.weight_decay` applies to the plain LoRA factors only, not to the posterior's parameters,
 which the KL regularises already (as in `bayeslora train`).
@@ -48,10 +50,12 @@ from transformers import Trainer
 
 import bayeslora
 from bayeslora.adapter import bayesian_factors, draw_all_factors
+from bayeslora.diagnostics import posterior_state
 from bayeslora.predictive import entropy, log_mean_exp
 from bayeslora.schedules import KL_WEIGHTINGS, KLWeighting
+from bayeslora.tracking import scalars
 
-LOGGED = ("nll", "kl", "beta", "mean_lambda")
+LOGGED = ("nll", "kl", "beta")
 
 
 @dataclass(frozen=True)
@@ -166,8 +170,7 @@ class BayesLoraTrainerMixin:
 
         task_share = 1.0 / micro_batches if divided_by_trainer else 1.0  # as the logged `loss` counts it
         for name, value in (("nll", task_loss.detach().float().mean().item() * task_share),
-                            ("kl", kl.item() / micro_batches), ("beta", weight / micro_batches),
-                            ("mean_lambda", bayeslora.mean_lambda(self.model) / micro_batches)):
+                            ("kl", kl.item() / micro_batches), ("beta", weight / micro_batches)):
             self._sums[name] += value
         return (loss, outputs) if return_outputs else loss
 
@@ -184,7 +187,7 @@ class BayesLoraTrainerMixin:
         if "loss" in logs and steps > 0:  # a training log: means since the previous one
             means = torch.tensor([self._sums[name] / steps for name in LOGGED], device=self.args.device)
             means = self.accelerator.reduce(means, reduction="mean")
-            logs = {**logs, **dict(zip(LOGGED, means.tolist()))}
+            logs = {**logs, **dict(zip(LOGGED, means.tolist())), **scalars(posterior_state(self.model))}
             if self._spreads:
                 logs["mutual_information"] = sum(self._spreads) / len(self._spreads)
             self._sums = dict.fromkeys(LOGGED, 0.0)
