@@ -66,3 +66,13 @@ def test_report_to_is_checked_and_does_not_define_the_run(files, tmp_path, capsy
     settings = grid.settings("smoke_arith", "mle", 1)
     assert settings.report_to == "tensorboard" and "report_to" not in settings.run_identity()
     assert "report_to" not in grid.identity()
+
+
+def test_compare_units_report_to_their_own_tracker_run(tmp_path):
+    output = tmp_path / "grid"
+    assert main(["compare", "--preset", "smoke", "--methods", "mle", "--output", str(output),
+                 "--report-to", "tensorboard"]) == 0
+    unit = output / "runs" / "smoke_arith" / "mle" / "seed-1"
+    logged = tensorboard_scalars(unit / "tracking")
+    records = [json.loads(line) for line in (unit / "train_log.jsonl").read_text().splitlines()]
+    assert records and {record["step"]: record["nll"] for record in records} == pytest.approx(logged["nll"])
