@@ -4,18 +4,14 @@
         --seeds 1,2,3 --output runs/compare
     bayeslora compare --preset smoke --output /tmp/smoke        # all methods, tiny fixture, ~1-2 minutes
 
-One *unit* is one (training task, method, seed): the run `bayeslora train
---task <task> --method <method> --seed <seed>` does with the grid's training
-settings (`experiment.run_experiment`), which are `train`'s: the flags below, a
-`--train-config` YAML with `train`'s keys and the preset, converted and checked
-alike. The `--ood-from` task's units are also evaluated on each `--ood-tasks`
-test set, without retraining. Each unit runs in its own process (its peak
-memory is then its own) and writes DIR/runs/<task>/<method>/seed-<seed>/:
-    (a `bayeslora train` run directory)   run.json, checkpoints, adapter, results.json, ...
-    eval/<ood task>/                      results.json, predictions.jsonl, reliability.png
-    cost.json                             written last: the unit is finished
-A rerun skips finished units and resumes interrupted ones from their
-checkpoints; a rerun with different settings in the same DIR is refused.
+A *unit* (training task, method, seed) is the run `bayeslora train` does with the grid's training
+settings (`experiment.run_experiment`): flags, `--train-config` and preset are `train`'s settings,
+checked alike. The `--ood-from` task's units are also evaluated on each `--ood-tasks` test set. A
+post-hoc method (temperature, laplace, laplace_last, tfb) whose base method (map) is in the grid
+fits the base unit's adapter of the same task and seed instead of training one. Each unit runs in
+its own process and writes DIR/runs/<task>/<method>/seed-<seed>/: a `train` run directory, plus
+eval/<ood task>/ and, last, cost.json (the unit is finished). A rerun skips finished units and
+resumes interrupted ones; a rerun with different settings in the same DIR is refused.
 """
 
 from __future__ import annotations
@@ -35,12 +31,11 @@ from bayeslora.train_settings import NOT_IDENTITY, TrainSettings, add_setting_fl
 #: the training settings compare takes as flags (every other one through --train-config)
 SETTING_FLAGS = ("scoring", "samples", "epochs", "max_steps", "batch_size", "lr", "limit_train", "limit_validation",
                  "limit_eval", "eval_batch_size", "report_to")
-#: compare's own defaults for training settings (cloze: SmolLM2-135M is at chance with letter scoring;
-#: the base model is not a unit of the grid, so no zero-shot evaluation unless the --train-config asks)
+#: compare's own defaults (SmolLM2-135M is at chance with letter scoring; the base model is no unit)
 DEFAULTS = {"scoring": "cloze", "zero_shot": False}
 #: settings each unit sets itself
 OWNED = {"model": None, "task": None, "task_file": None, "eval_file": None, "method": None, "method_options": None,
-         "output": None, "seed": None}
+         "output": None, "seed": None, "adapter_from": None}
 
 
 @dataclass
@@ -55,7 +50,7 @@ class Grid:
     method_options: dict[str, dict[str, Any]]
     output: Path = field(compare=False)
 
-    def training_tasks(self) -> list[str]:
+    def training_tasks(self) -> list[str]:  # the OoD source trains too
         return self.tasks + ([self.ood_from] if self.ood_from and self.ood_from not in self.tasks else [])
 
     def eval_tasks(self, task: str) -> list[str]:
@@ -69,11 +64,24 @@ class Grid:
         unit = self.unit_dir(train_task, method, seed)
         return unit if eval_task == train_task else unit / "eval" / eval_task
 
+    def base_method(self, method: str) -> str | None:
+        """The method whose unit a post-hoc method's unit starts from, when the grid trains it."""
+        from bayeslora.methods import METHODS
+
+        return METHODS[method].post_hoc_of if METHODS[method].post_hoc_of in self.methods else None
+
+    def units(self) -> list[tuple[str, str, int]]:
+        """(task, method, seed) in running order: a post-hoc method after the method whose adapter it reuses."""
+        methods = sorted(self.methods, key=lambda method: self.base_method(method) is not None)
+        return [(task, method, seed) for task in self.training_tasks() for method in methods for seed in self.seeds]
+
     def settings(self, task: str, method: str, seed: int) -> TrainSettings:
         """The settings of one unit, validated: those of the `bayeslora train` run it is."""
+        base = self.base_method(method)
         return make_settings({**self.train, **OWNED, "model": self.model, "task": task, "method": method, "seed": seed,
                               "method_options": self.method_options.get(method, {}),
-                              "output": str(self.unit_dir(task, method, seed))})
+                              "output": str(self.unit_dir(task, method, seed)),
+                              "adapter_from": str(self.unit_dir(task, base, seed)) if base else None})
 
     def identity(self) -> dict[str, Any]:
         """What every unit of DIR shares; units may be added (tasks, methods, seeds), settings not changed."""
@@ -83,16 +91,13 @@ class Grid:
 
 def _names(text: str | None, what: str, kind: type = str) -> list | None:
     """A comma-separated flag value: distinct names (or integers, `kind=int`); None when the flag is not given."""
-    if text is None:
-        return None
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
+    names = None if text is None else [name.strip() for name in text.split(",") if name.strip()]
+    if names == []:
         raise UsageError(f"--{what} is empty")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
+    if names and (duplicates := sorted({name for name in names if names.count(name) > 1})):
         raise UsageError(f"--{what} lists {', '.join(duplicates)} more than once")
     try:
-        return [kind(name) for name in names]
+        return names and [kind(name) for name in names]
     except ValueError:
         raise UsageError(f"--{what} must be comma-separated integers, got {text!r}") from None
 
@@ -152,9 +157,8 @@ def resolve_grid(args: argparse.Namespace) -> Grid:
 
 
 def unit_finished(grid: Grid, task: str, method: str, seed: int) -> bool:
-    return (grid.unit_dir(task, method, seed) / "cost.json").is_file() and all(
-        (grid.results_dir(task, name, method, seed) / "results.json").is_file() for name in grid.eval_tasks(task)
-    )
+    results = [grid.results_dir(task, name, method, seed) / "results.json" for name in grid.eval_tasks(task)]
+    return all(path.is_file() for path in [grid.unit_dir(task, method, seed) / "cost.json", *results])
 
 
 def run_unit(grid: Grid, task: str, method: str, seed: int) -> None:
@@ -183,7 +187,8 @@ def run_unit(grid: Grid, task: str, method: str, seed: int) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="smoke: all methods on the committed tiny fixture; "
-                        "paper: the paper's six tasks and OoD protocol (flags given override the preset)")
+                        "calibration: SmolLM2-135M over-fitting 200 ARC-Easy questions; paper: the paper's six "
+                        "tasks and OoD protocol (flags given override the preset)")
     parser.add_argument("--model", help="Hub id, local folder or embedded model name (default smollm2-135m)")
     parser.add_argument("--tasks", help="comma-separated registry task names")
     parser.add_argument("--methods", help="comma-separated method names (bayeslora.methods)")
@@ -219,9 +224,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(grid)
     grid.output.mkdir(parents=True, exist_ok=True)
     write_atomically(grid.output / "grid.json", json.dumps({"identity": grid.identity()}, indent=2) + "\n")
-    units = [(task, method, seed) for task in grid.training_tasks() for method in grid.methods for seed in grid.seeds]
-    # fork where the platform has it: the child starts without re-importing torch (seconds per unit);
-    # the parent has run no torch computation, so there are no worker threads to lose in the fork
+    units = grid.units()
+    # fork where the platform has it: no torch re-import per unit, and the parent ran no torch computation
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     failures = []
     for index, (task, method, seed) in enumerate(units, 1):

@@ -8,7 +8,10 @@ with its (task, method, seed). In order: load the questions, the model and
 tokenizer, the scorer and the method; optionally evaluate the base model
 (zero_shot/); seed and build the method's adapter (`prepare`); train it with
 the one loop (`train.fit`, which ends with the method's post-hoc fit); save the
-adapter; evaluate it with the one evaluation path.
+adapter; evaluate it with the one evaluation path. A post-hoc method may
+instead start from the adapter of a finished run of its base method
+(`adapter_from`, how `compare` avoids training the same adapter twice): it is
+loaded, fitted post hoc, saved and evaluated, not trained.
 
 Data (docs/protocol.md, "Validation"): a registry task trains on its train
 role, selects (best epoch, early stopping) and fits post hoc (temperature,
@@ -35,6 +38,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -48,7 +53,7 @@ from bayeslora.models import load_model
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import EVALUATION_ROLE, Question, load_task, load_task_file
 from bayeslora.tracking import accelerator_options, start_tracking
-from bayeslora.train import TrainingDiverged, fit
+from bayeslora.train import TrainingDiverged, fit, post_hoc_fit
 from bayeslora.train_settings import FILE_VALIDATION_SIZE, TrainSettings, add_arguments, settings_from_args
 
 __all__ = ["Experiment", "add_arguments", "load_questions", "run", "run_experiment", "split_validation"]
@@ -109,6 +114,18 @@ def trainable_parameters(model: nn.Module, method: Method) -> int:
     return total
 
 
+def load_trained_adapter(model: nn.Module, directory: Path) -> None:
+    """Copy the adapter a finished run saved (peft format) into `model`; every trainable tensor must be in it."""
+    path = directory / "adapter_model.safetensors"
+    if not path.is_file():
+        raise UsageError(f"adapter_from: no trained adapter in {directory} (did its run finish?)")
+    loaded = set_peft_model_state_dict(model, load_file(path))
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    mismatch = sorted(trainable & set(loaded.missing_keys)) + sorted(loaded.unexpected_keys)
+    if mismatch:
+        raise UsageError(f"{path} does not fit this method's adapter (first mismatch: {mismatch[0]})")
+
+
 def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = (), *, resume: bool = False,
                    overwrite: bool = False) -> Experiment | None:
     """Train and evaluate one adapter into `settings.output` (see the module docstring); None on other processes.
@@ -154,7 +171,13 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     model = method.prepare(model, lora)
     set_seed(settings.seed, device_specific=True)  # posterior draws and dropout: one stream per process
     start = time.perf_counter()
-    results = fit(model, scorer, method, train, validation, settings, output, accelerator, resume=resume)
+    if settings.adapter_from is None:
+        results = fit(model, scorer, method, train, validation, settings, output, accelerator, resume=resume)
+    else:  # a post-hoc method on its base method's trained adapter: fit, do not train
+        load_trained_adapter(model, Path(settings.adapter_from))
+        model.to(accelerator.device)
+        post_hoc_fit(model, scorer, method, train, validation, settings.eval_batch_size, accelerator.device)
+        results = []
     train_seconds = time.perf_counter() - start
     accelerator.end_training()  # closes the tracker's run (nothing without one)
     if not accelerator.is_main_process:

@@ -1,6 +1,6 @@
 """The comparison's report, from the finished units of a `compare` grid: tables, cost, reliability diagrams.
 
-    DIR/table.md, DIR/table.json   ACC and ECE (percent), NLL (nats), mean +- std over seeds,
+    DIR/table.md, DIR/table.json   ACC and ECE (percent), NLL and MI (nats), mean +- std over seeds,
                                    per task and averaged over tasks, best of each column in bold;
                                    the OoD table in the same format; the cost table
     DIR/reliability/<task>/<method>.png   predictions pooled over seeds
@@ -21,7 +21,10 @@ from bayeslora.files import write_atomically
 from bayeslora.methods.base import PREDICTIVE_SAMPLES
 
 PROTOCOL_NOTE = "train on the train role, select and post-hoc fit on the validation role, report on the test role"
-METRICS = (("accuracy_percent", "ACC (%)", max), ("ece_percent", "ECE (%)", min), ("nll", "NLL (nats)", min))
+#: (results key, title, which is better: max, min, or None when neither is)
+METRICS = (("accuracy_percent", "ACC (%)", max), ("ece_percent", "ECE (%)", min), ("nll", "NLL (nats)", min),
+           ("mutual_information", "MI (nats, mean over questions: how much the draws disagree)", None))
+DIGITS = {"nll": 3, "mutual_information": 4}
 
 
 def write_cost(directory: Path, run, evaluations: dict[str, dict[str, Any]]) -> None:
@@ -69,10 +72,12 @@ def collect(grid, train_task_of: dict[str, str], eval_tasks: list[str]) -> dict[
         for key, _, _ in METRICS:
             row = {}
             for eval_task in eval_tasks:
-                values = [results[eval_task][key] for results in per_seed.values() if eval_task in results]
+                values = [results[eval_task][key] for results in per_seed.values()
+                          if results.get(eval_task, {}).get(key) is not None]
                 if values:
                     row[eval_task] = _mean_std(values)
-            complete = [sum(r[t][key] for t in eval_tasks) / len(eval_tasks) for r in per_seed.values() if len(r) == len(eval_tasks)]
+            complete = [sum(r[t][key] for t in eval_tasks) / len(eval_tasks) for r in per_seed.values()
+                        if all(r.get(t, {}).get(key) is not None for t in eval_tasks)]
             if complete:
                 row["average"] = _mean_std(complete)
             table[key][method] = row
@@ -89,14 +94,15 @@ def _cell(entry: dict[str, Any] | None, digits: int, best: bool) -> str:
 def markdown_blocks(table: dict[str, dict[str, dict[str, Any]]], methods: list[str], columns: list[str]) -> list[str]:
     lines = []
     for key, title, better in METRICS:
-        digits = 3 if key == "nll" else 1
-        lines += [f"**{title}** ({'higher' if better is max else 'lower'} is better)", "",
+        digits = DIGITS.get(key, 1)
+        ranking = "" if better is None else f" ({'higher' if better is max else 'lower'} is better)"
+        lines += [f"**{title}**{ranking}", "",
                   "| method | " + " | ".join(columns + ["average"]) + " |",
                   "|---|" + "---:|" * (len(columns) + 1)]
         best = {}
         for column in columns + ["average"]:
             means = {m: table[key][m][column]["mean"] for m in methods if column in table[key].get(m, {})}
-            if means:
+            if means and better is not None:
                 best[column] = better(means, key=means.get)
         for method in methods:
             row = table[key].get(method, {})
@@ -192,7 +198,8 @@ def write_tables(grid) -> dict[str, Any]:
                   *markdown_blocks(tables["out_of_distribution"], grid.methods, grid.ood_tasks)]
     tables["cost"] = cost_table(grid)
     lines += ["## Cost", "", "Means over each method's finished units; ratios to `mle`. Training time includes "
-              "the post-hoc fit (Laplace, temperature, TFB) and the per-epoch validation.", "",
+              "the post-hoc fit (Laplace, temperature, TFB) and the validation; a post-hoc method that reuses its "
+              "base method's adapter (map) counts only its fit.", "",
               *cost_markdown(tables["cost"]), ""]
     write_atomically(grid.output / "table.json", json.dumps(tables, indent=2) + "\n")
     write_atomically(grid.output / "table.md", "\n".join(lines) + "\n")

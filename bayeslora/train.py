@@ -143,10 +143,16 @@ def fit(
                                        accelerator, settings.seed + index,
                                        resume=resume and latest_checkpoint(folder) is not None,
                                        tracker_prefix="" if len(members) == 1 else f"member-{index}/"))
-    model.eval()
-    batches = partial(_batches, scorer, batch_size=settings.eval_batch_size, device=accelerator.device)
-    method.after_training(model, batches(validation_questions), scorer.choice_logits, train_batches=batches(train_questions))
+    post_hoc_fit(model, scorer, method, train_questions, validation_questions, settings.eval_batch_size, accelerator.device)
     return results
+
+
+def post_hoc_fit(model: nn.Module, scorer, method, train_questions: Sequence, validation_questions: Sequence,
+                 batch_size: int, device: torch.device) -> None:
+    """The method's fit after training (temperature, Laplace, TFB) on the validation set; nothing for most methods."""
+    model.eval()
+    batches = partial(_batches, scorer, batch_size=batch_size, device=device)
+    method.after_training(model, batches(validation_questions), scorer.choice_logits, train_batches=batches(train_questions))
 
 
 def _batches(scorer, questions: Sequence, batch_size: int, device: torch.device) -> list[dict[str, Any]]:
@@ -240,7 +246,8 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
         recent_nll.append(record["nll"])
 
         epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
-        if epoch_end and validation_questions:
+        selecting = s.select_epoch == "best"
+        if validation_questions and (epoch_end if selecting else state["step"] == total_steps):
             validation = validate(unwrapped, scorer, method, validation_questions, s.samples, s.seed, s.eval_batch_size,
                                   progress=accelerator.is_main_process)
             record["validation"] = validation
@@ -250,10 +257,11 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
                 tqdm.write(f"bayeslora: warning: {message}", file=sys.stderr)
                 state["collapse_reported"] = True
             value = validation["validation_nll"]
-            if state["best_validation_nll"] is None or value < state["best_validation_nll"]:
+            # with select_epoch "last" the validation only describes the adapter that is kept
+            if selecting and (state["best_validation_nll"] is None or value < state["best_validation_nll"]):
                 state.update(best_step=state["step"], best_validation_nll=value, epochs_without_improvement=0)
                 best_adapter = trainable_state(unwrapped)
-            else:
+            elif selecting:
                 state["epochs_without_improvement"] += 1
                 state["stopped_early"] = s.early_stopping is not None and state["epochs_without_improvement"] >= s.early_stopping
         if log is not None:

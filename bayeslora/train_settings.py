@@ -85,7 +85,11 @@ class TrainSettings:
     label_smoothing: float = _setting(0.0, "label smoothing over the choices (released code: 0.05)", type=float)
     entropy_bonus: float = _setting(0.0, "subtract this times the predictive entropy (released code: 0.05)", type=float)
     # selection and evaluation
+    select_epoch: str = _setting("best", "keep the epoch with the best validation NLL, or the last one (then "
+                                         "validation runs once, at the end)", choices=["best", "last"])
     early_stopping: int | None = _setting(None, "stop after this many epochs without a better validation NLL", type=int)
+    adapter_from: str | None = _setting(None, "a finished run whose trained adapter this run fits post hoc, "
+                                              "without training (a post-hoc method reusing its base method's run)")
     samples: int | None = _setting(None, "predictive samples at evaluation (default: the method's)", type=int)
     eval_batch_size: int = _setting(16, "questions per evaluation forward", type=int)
     zero_shot: bool = _setting(True, "also evaluate the base model before training", action=argparse.BooleanOptionalAction)
@@ -199,7 +203,7 @@ def validate(settings: TrainSettings) -> None:
     for path in (s.task_file, s.eval_file):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"no such file: {path}")
-    from bayeslora.methods import check_method_name  # the registry fills as method modules are imported
+    from bayeslora.methods import METHODS, check_method_name  # the registry fills as method modules are imported
 
     check_method_name(s.method)
     check_report_to(s.report_to)
@@ -226,3 +230,8 @@ def validate(settings: TrainSettings) -> None:
         raise UsageError(f"lr_milestones must be positive epochs, got {s.lr_milestones}")
     if s.early_stopping is not None and s.validation_size == 0:
         raise UsageError("early_stopping needs a validation set (validation_size > 0)")
+    if s.early_stopping is not None and s.select_epoch == "last":
+        raise UsageError("early_stopping selects the best epoch; it cannot go with select_epoch last")
+    if s.adapter_from is not None and METHODS[s.method].post_hoc_of is None:
+        raise UsageError(f"adapter_from is for post-hoc methods ({', '.join(n for n, m in METHODS.items() if m.post_hoc_of)}); "
+                         f"{s.method} trains its own adapter")

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 # compare runs on the shared path: skip only until the training loop and the evaluation path are merged
 pytest.importorskip("bayeslora.train")
@@ -89,6 +90,15 @@ def test_smoke_preset_runs_every_method_and_a_rerun_reuses_every_unit(tmp_path, 
         assert fitted["temperature"] > 0 and fitted["temperature"] != 1.0
         ensemble = json.loads((output / "runs/smoke_arith/ensemble/seed-1/results.json").read_text())
         assert ensemble["n_samples"] == 3
+        # post-hoc methods fit map's adapter of the same task and seed instead of training their own
+        runs = output / "runs/smoke_arith"
+        trained = load_file(runs / "map/seed-1/adapter_model.safetensors")
+        for method in ("temperature", "laplace", "laplace_last"):
+            assert json.loads((runs / method / "seed-1/run.json").read_text())["adapter_from"] == str(runs / "map/seed-1")
+            reused = load_file(runs / method / "seed-1/adapter_model.safetensors")
+            assert reused.keys() == trained.keys() and all(torch.equal(reused[k], trained[k]) for k in trained)
+            assert not (runs / method / "seed-1/train_log.jsonl").exists()
+        assert "mutual_information" in table["in_distribution"]
         capsys.readouterr()
 
         # an unfinished unit (no cost.json) is redone; every finished one is reused as it is

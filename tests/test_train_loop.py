@@ -236,3 +236,32 @@ def test_bayesian_run_logs_kl_beta_posterior_state_and_lr(tmp_path, scoring):
     assert len(validation) == 1 and validation[0]["mutual_information"] >= 0 and validation[0]["draw_spread"] >= 0
     # loss = NLL + beta * KL / N_train, from the same draw
     assert all(r["loss"] == pytest.approx(r["nll"] + r["beta"] * r["kl"] / len(train), rel=1e-5) for r in log)
+
+
+def test_select_epoch_last_keeps_the_last_adapter_and_validates_once(tmp_path):
+    method = get_method("mle")
+    train, validation = split_validation(fixture_questions(40), 8, seed=0, limit=None)
+    model = tiny_model(method)
+    fit(model, tiny_scorer("letter"), method, train, validation, settings(tmp_path, epochs=3, select_epoch="last"),
+        tmp_path, Accelerator(cpu=True))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "validation" in r] == [log[-1]["step"]]
+    checkpoint = latest_checkpoint(tmp_path)
+    last = load_file(checkpoint / "adapter.safetensors")
+    current = trainable_state(model)
+    assert all(torch.equal(last[name], current[name]) for name in current)
+
+
+def test_bayeslora_dropout_at_evaluation_switches_lora_dropout_on_inside_draws_only():
+    method = get_method("bayeslora", dropout_at_evaluation=True, inducing_rows=3, inducing_cols=3)
+    model = method.prepare(make_tiny_llama(), dict(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj"]))
+    model.eval()
+    dropouts = [m for n, m in model.named_modules() if ".lora_dropout." in n and isinstance(m, torch.nn.Dropout)]
+    assert dropouts
+    for draw in method.draws(model, 2, seed=0):
+        with draw:
+            assert all(module.training for module in dropouts)
+    assert not any(module.training for module in dropouts)
+    for draw in get_method("bayeslora").draws(model, 1):
+        with draw:
+            assert not any(module.training for module in dropouts)

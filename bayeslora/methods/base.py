@@ -64,6 +64,8 @@ class Method:
     name: ClassVar[str]
     #: posterior / predictive samples at test time (1 for deterministic methods)
     default_samples: ClassVar[int] = 1
+    #: a post-hoc method names the method whose trained adapter it fits (`compare` reuses that run)
+    post_hoc_of: ClassVar[str | None] = None
     #: AdamW weight decay used by the training loop
     weight_decay: ClassVar[float] = 0.0
 

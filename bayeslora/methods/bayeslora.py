@@ -19,6 +19,7 @@ the library's defaults or, with `constants="paper"`, the published constants.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any, ClassVar, ContextManager
 
@@ -29,6 +30,7 @@ import bayeslora
 from bayeslora.errors import UsageError
 from bayeslora.methods.base import PREDICTIVE_SAMPLES, Method, register_method
 from bayeslora.methods.lora import LORA_KEYS
+from bayeslora.methods.mcdropout import active_lora_dropout
 
 
 #: option `constants`: the library's defaults, or the published ones (`BayesLoraConfig.paper`)
@@ -41,11 +43,13 @@ class BayesLora(Method):
     default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
     weight_decay: ClassVar[float] = 0.01
 
-    def __init__(self, constants: str = "default", posterior_weight_decay: float = 0.0, **options: Any) -> None:
+    def __init__(self, constants: str = "default", posterior_weight_decay: float = 0.0,
+                 dropout_at_evaluation: bool = False, **options: Any) -> None:
         if constants not in CONSTANTS:
             raise UsageError(f"bayeslora constants must be one of {', '.join(CONSTANTS)}, got {constants!r}")
         super().__init__(**options)
         self.constants, self.posterior_weight_decay = constants, posterior_weight_decay
+        self.dropout_at_evaluation = dropout_at_evaluation
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         posterior = {id(p) for factor in bayeslora.adapter.bayesian_factors(model) for p in factor.parameters()}
@@ -66,4 +70,12 @@ class BayesLora(Method):
 
     def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
         for sample in range(self.sample_count(n_samples)):
-            yield bayeslora.sampling(model, "sample", seed=seed + sample, hold=True)
+            yield self._draw(model, seed + sample)
+
+    @contextlib.contextmanager
+    def _draw(self, model: nn.Module, seed: int) -> Iterator[None]:
+        """One held posterior draw; with `dropout_at_evaluation`, LoRA dropout active too (the released code
+        scores its draws in train mode, which mixes MC-dropout into the predictive: an ablation, not the method)."""
+        dropout = active_lora_dropout(model, seed) if self.dropout_at_evaluation else contextlib.nullcontext()
+        with dropout, bayeslora.sampling(model, "sample", seed=seed, hold=True):
+            yield

@@ -171,6 +171,7 @@ def held_sample(posteriors: list[KroneckerPosterior], prior_precision: float, se
 @register_method
 class Laplace(MAP):
     name: ClassVar[str] = "laplace"
+    post_hoc_of: ClassVar[str | None] = "map"
     default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
     last_block_only: ClassVar[bool] = False
 

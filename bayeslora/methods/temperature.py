@@ -56,6 +56,7 @@ def collect_logits(
 @register_method
 class Temperature(MAP):
     name: ClassVar[str] = "temperature"
+    post_hoc_of: ClassVar[str | None] = "map"
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

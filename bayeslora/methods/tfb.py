@@ -65,6 +65,7 @@ def set_sigma(scales: list[tuple[nn.Parameter, torch.Tensor]], sigma: float) -> 
 @register_method
 class TFB(MAP):
     name: ClassVar[str] = "tfb"
+    post_hoc_of: ClassVar[str | None] = "map"
     default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
 
     def __init__(
