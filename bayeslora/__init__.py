@@ -24,14 +24,27 @@ warnings.filterwarnings(
     category=PeftWarning,
 )
 
+
+def __getattr__(name: str):
+    """`load_run` and `LoadedRun` on first use: `bayeslora.runs` imports the methods, which the protocol
+    modules (`bayeslora.predictive`, `scoring`, ...) importing this package must not pull in."""
+    if name in ("LoadedRun", "load_run"):
+        from bayeslora import runs
+
+        return getattr(runs, name)
+    raise AttributeError(f"module 'bayeslora' has no attribute {name!r}")
+
+
 __all__ = [
     "BayesLoraConfig",
     "InducingFactor",
+    "LoadedRun",
     "bayesian_factors",
     "export_mean_lora",
     "get_bayeslora_model",
     "is_bayesian",
     "kl_divergence",
     "load_bayeslora_model",
+    "load_run",
     "sampling",
 ]

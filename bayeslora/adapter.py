@@ -8,11 +8,11 @@ Everything here is a thin layer over peft: `get_bayeslora_model` is
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -20,11 +20,13 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from bayeslora.adapter_source import read_adapter_config
 from bayeslora.config import BayesLoraConfig, names_module
+from bayeslora.errors import UsageError
 from bayeslora.files import write_files_atomically
 from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
 from bayeslora.kl_guard import note_kl_computed
-from bayeslora.layer import BayesLoraLinear
+from bayeslora.layer import BayesianFactors
 
 
 def get_bayeslora_model(model: nn.Module, config: BayesLoraConfig, adapter_name: str = "default") -> PeftModel:
@@ -75,7 +77,7 @@ def _check_bayesian_targets(peft_model: PeftModel, config: BayesLoraConfig, adap
     }
     for key, module in lora_targets.items():
         if config.is_bayesian_module(key) and not (
-            isinstance(module, BayesLoraLinear) and module.is_bayesian_adapter(adapter_name)
+            isinstance(module, BayesianFactors) and module.is_bayesian_adapter(adapter_name)
         ):
             layer_type = type(module.get_base_layer()).__name__
             raise ValueError(f"module {key!r} is a {layer_type}, which cannot carry Bayesian factors (nn.Linear only)")
@@ -134,19 +136,26 @@ def sampling(model: nn.Module, mode: str = "sample", seed: int | None = None, ho
 
 
 def load_bayeslora_model(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    model: nn.Module,
+    name_or_path: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    **hub_options: Any,
 ) -> PeftModel:
-    """Restore a Bayesian-LoRA adapter saved with `save_pretrained` onto a fresh base model."""
-    config_path = Path(directory) / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no adapter_config.json in {directory}")
-    saved = json.loads(config_path.read_text())
-    known = {f.name for f in dataclasses.fields(BayesLoraConfig) if f.init}
+    """Restore a Bayesian-LoRA adapter saved with `save_pretrained` onto a fresh base model.
+
+    `name_or_path` is a local folder or a Hub id, resolved as peft resolves it (`bayeslora.adapter_source`);
+    `hub_options` (`subfolder`, `revision`, `token`, `cache_dir`) are passed on to it and to peft.
+    """
+    saved = read_adapter_config(name_or_path, **hub_options)
     if "bayesian_modules" not in saved:
-        raise ValueError(f"{config_path} is not a Bayesian-LoRA adapter (no bayesian_modules setting)")
+        raise UsageError(f"adapter {str(name_or_path)!r} is not a Bayesian-LoRA adapter (no bayesian_modules setting)")
+    known = {f.name for f in dataclasses.fields(BayesLoraConfig) if f.init}
     config = BayesLoraConfig(**{k: v for k, v in saved.items() if k in known})
     return _draw_before_each_forward(
-        PeftModel.from_pretrained(model, directory, adapter_name=adapter_name, config=config, is_trainable=is_trainable)
+        PeftModel.from_pretrained(
+            model, str(name_or_path), adapter_name=adapter_name, config=config, is_trainable=is_trainable, **hub_options
+        )
     )
 
 

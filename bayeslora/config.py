@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft import LoraConfig
-from torch import nn
 
 
 def names_module(name: str, key: str) -> bool:
@@ -65,11 +64,11 @@ class BayesLoraConfig(LoraConfig):
                 outside = sorted(set(self.bayesian_modules) - set(self.target_modules))
                 if outside:
                     raise ValueError(f"bayesian_modules {outside} are not in target_modules {sorted(self.target_modules)}")
-        # peft's extension point for custom LoRA layers: every nn.Linear target gets our layer class,
-        # which keeps plain LoRA factors on non-Bayesian targets.
-        from bayeslora.layer import BayesLoraLinear
+        # peft's extension point for custom LoRA layers: every nn.Linear target (bitsandbytes' quantised ones
+        # included) gets our layer class, which keeps plain LoRA factors on non-Bayesian targets.
+        from bayeslora.layer import custom_layers
 
-        self._register_custom_module({nn.Linear: BayesLoraLinear})
+        self._register_custom_module(custom_layers())
 
     @classmethod
     def paper(cls, **settings) -> "BayesLoraConfig":

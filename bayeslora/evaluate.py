@@ -19,18 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers.utils import logging as transformers_logging
 
 import bayeslora
+from bayeslora.adapter_source import read_adapter_config
+from bayeslora.diagnostics import draw_disagreement
 from bayeslora.errors import UsageError, check_count
 from bayeslora.files import write_atomically
-from bayeslora.methods import Method, get_method
-from bayeslora.diagnostics import draw_disagreement
+from bayeslora.methods import METHODS, Method, check_method_name, get_method
 from bayeslora.metrics import all_metrics
 from bayeslora.models import DEFAULT_MODEL, load_model, load_tokenizer
 from bayeslora.plots import save_reliability_diagram
 from bayeslora.predictive import Predictions, predict
+from bayeslora.runs import is_run_folder, load_run, read_record
 from bayeslora.scoring import MODES, NORMALIZATIONS, Scorer
 from bayeslora.tasks import EVALUATION_ROLE, ROLES, TASKS, Question, load_task, load_task_file
+from bayeslora.train_settings import LOADING_SETTINGS, add_setting_flags, loading_from_args
 
 PROTOCOL_VERSION = "bayeslora-eval-v1"
 
@@ -42,16 +46,31 @@ def method_for(model: nn.Module, name: str | None = None) -> Method | None:
     return get_method("bayeslora") if bayeslora.is_bayesian(model) else None
 
 
-def attach_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """A saved adapter on top of `model`: Bayesian-LoRA when its adapter_config says so, else plain peft."""
+def check_adapter_for_method(name_or_path: str, config: dict[str, Any], method: str | None) -> None:
+    """Refuse a bare adapter that cannot carry `method` (its fitted state lives in run folders only)."""
+    bayesian = "bayesian_modules" in config
+    peft_type = config.get("peft_type")
+    if method is None:
+        return
+    if METHODS[method].needs_run_folder:
+        raise UsageError(f"--method {method} is restored from a run folder of `bayeslora train` (method.json); "
+                         f"{name_or_path!r} is a bare adapter without what {method} fitted")
+    if peft_type != "LORA":
+        raise UsageError(f"adapter {name_or_path!r} is a {peft_type} adapter; --method applies to LoRA adapters")
+    if bayesian != (method == "bayeslora"):
+        kind = "a Bayesian-LoRA" if bayesian else "a plain LoRA"
+        raise UsageError(f"adapter {name_or_path!r} is {kind} adapter, not one for --method {method}")
+    if method == "mcdropout" and not config.get("lora_dropout"):
+        raise UsageError(f"adapter {name_or_path!r} has lora_dropout 0: MC-dropout draws would all be the same")
+
+
+def attach_adapter(model: nn.Module, name_or_path: str | Path) -> nn.Module:
+    """A saved adapter (local folder or Hub id) on `model`: Bayesian-LoRA when its config says so, else plain peft."""
     from peft import PeftModel
 
-    config_path = Path(directory) / "adapter_config.json"
-    if not config_path.is_file():
-        raise UsageError(f"adapter folder {str(directory)!r} has no adapter_config.json")
-    if "bayesian_modules" in json.loads(config_path.read_text()):
-        return bayeslora.load_bayeslora_model(model, directory).eval()
-    return PeftModel.from_pretrained(model, directory).eval()
+    if "bayesian_modules" in read_adapter_config(name_or_path):
+        return bayeslora.load_bayeslora_model(model, name_or_path).eval()
+    return PeftModel.from_pretrained(model, str(name_or_path)).eval()
 
 
 def evaluate(
@@ -128,21 +147,30 @@ def write_outputs(
     write_atomically(directory / "results.json", json.dumps(results, indent=2) + "\n")
 
 
+#: scoring settings of a plain evaluation; a run folder's own evaluation settings replace them
+DEFAULT_SETTINGS = {"scoring": "letter", "normalization": "mean", "seed": 0, "batch_size": 8, "samples": None}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help=f"Hub id, local folder, or {DEFAULT_MODEL!r} (offline default)")
-    parser.add_argument("--adapter", help="folder of a saved adapter (peft LoRA or Bayesian-LoRA)")
+    parser.add_argument("--model", help=f"Hub id, local folder, or {DEFAULT_MODEL!r} (offline default); "
+                        "default for a run folder: its base model")
+    parser.add_argument("--adapter", help="a run folder of `bayeslora train` (restores its method), or a saved peft "
+                        "LoRA / Bayesian-LoRA adapter: a local folder or a Hub id")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", help=f"registered task: {', '.join(TASKS)}")
     source.add_argument("--task-file", help="JSONL file: question, choices (list), answer (0-based), optional id")
     parser.add_argument("--split", help=f"role of the task: {', '.join(ROLES)} (default {EVALUATION_ROLE}, the evaluation split)")
     parser.add_argument("--source", default="offline", help="where task data come from: offline (default) or hub")
-    parser.add_argument("--scoring", default="letter", help=f"{' or '.join(MODES)} (default letter)")
-    parser.add_argument("--normalization", default="mean", help=f"cloze score: {' or '.join(NORMALIZATIONS)} (default mean)")
-    parser.add_argument("--method", help="method whose predictive draws to use (default: Bayesian-LoRA draws for a Bayesian adapter)")
+    # the next five default to a run folder's own settings, else to DEFAULT_SETTINGS
+    parser.add_argument("--scoring", help=f"{' or '.join(MODES)} (default letter)")
+    parser.add_argument("--normalization", help=f"cloze score: {' or '.join(NORMALIZATIONS)} (default mean)")
     parser.add_argument("--samples", type=int, help="predictive draws (default: the method's; deterministic models use 1)")
+    parser.add_argument("--seed", type=int, help="seed of the predictive draws (default 0)")
+    parser.add_argument("--batch-size", type=int, help="questions per forward pass (default 8)")
+    parser.add_argument("--method", help="method whose predictive draws to use (default: the run folder's method; "
+                        "Bayesian-LoRA draws for a Bayesian adapter)")
     parser.add_argument("--limit", type=int, help="first K questions only (quick checks; reported numbers use full splits)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_setting_flags(parser, LOADING_SETTINGS)
     parser.add_argument("--output", required=True, help="folder for results.json, predictions.jsonl, reliability.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -155,13 +183,53 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--split applies to --task only; a --task-file is used whole")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise UsageError(f"--output {args.output!r} exists and is not a folder")
-    if args.adapter and not Path(args.adapter).is_dir():
-        raise UsageError(f"adapter folder {args.adapter!r} does not exist")
+    if args.method is not None:
+        check_method_name(args.method)
+
+
+def _run_record(args: argparse.Namespace) -> dict[str, Any] | None:
+    """method.json when --adapter is a run folder (checked against --method), else None (a bare adapter is checked)."""
+    if not args.adapter:
+        return None
+    if not is_run_folder(args.adapter):
+        check_adapter_for_method(args.adapter, read_adapter_config(args.adapter), args.method)
+        return None
+    record = read_record(args.adapter)
+    if args.method is not None and args.method != record["method"]:
+        raise UsageError(f"run folder {args.adapter!r} was trained with method {record['method']}, not {args.method}; "
+                         "leave out --method")
+    return record
+
+
+def _settings(args: argparse.Namespace, record: dict[str, Any] | None) -> dict[str, Any]:
+    """Scoring settings: the flags given, else the run folder's own, else DEFAULT_SETTINGS."""
+    recorded = record["evaluation"] if record else {}
+    return {name: getattr(args, name) if getattr(args, name) is not None else recorded.get(name, default)
+            for name, default in DEFAULT_SETTINGS.items()}
+
+
+def _model_and_method(args: argparse.Namespace, model_name: str, record: dict[str, Any] | None):
+    """(model with its adapter, tokenizer, method): a restored run, or a base model with an optional bare adapter."""
+    loading = loading_from_args(args)
+    if record is not None:
+        restored = load_run(args.adapter, model=model_name, **loading)
+        return restored.model, restored.tokenizer, restored.method
+    model, tokenizer = load_model(model_name, **loading)
+    if args.adapter:
+        model = attach_adapter(model, args.adapter)
+    return model, tokenizer, method_for(model, args.method)
 
 
 def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
-    Scorer.check_settings(args.scoring, args.normalization)
+    if args.no_progress:
+        transformers_logging.disable_progress_bar()  # its weight-loading bar too
+    record = _run_record(args)
+    model_name = args.model or (record["model"] if record else None)
+    if model_name is None:
+        raise UsageError("--model is required (a run folder given as --adapter names its own base model)")
+    settings = _settings(args, record)
+    Scorer.check_settings(settings["scoring"], settings["normalization"])
     split = args.split or EVALUATION_ROLE
     if args.task:
         questions = load_task(args.task, split, source=args.source, limit=args.limit)
@@ -169,21 +237,18 @@ def run(args: argparse.Namespace) -> int:
         questions = load_task_file(args.task_file)[: args.limit]
     # tokenise everything before loading weights: prompt problems (e.g. labels that are not
     # single tokens) surface in seconds, and before anything is written
-    Scorer(load_tokenizer(args.model), args.scoring, normalization=args.normalization).collate(questions)
-    model, tokenizer = load_model(args.model)
-    if args.adapter:
-        model = attach_adapter(model, args.adapter)
-    method = method_for(model, args.method)
+    Scorer(load_tokenizer(model_name), settings["scoring"], normalization=settings["normalization"]).collate(questions)
+    model, tokenizer, method = _model_and_method(args, model_name, record)
     results, predictions = evaluate(
         model,
         tokenizer,
         questions,
-        scoring=args.scoring,
+        scoring=settings["scoring"],
         method=method,
-        n_samples=args.samples,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        normalization=args.normalization,
+        n_samples=settings["samples"],
+        seed=settings["seed"],
+        batch_size=settings["batch_size"],
+        normalization=settings["normalization"],
         progress=not args.no_progress,
     )
     results = {
@@ -191,13 +256,13 @@ def run(args: argparse.Namespace) -> int:
         "task_file": args.task_file,
         "split": split if args.task else None,
         "source": args.source if args.task else None,
-        "model": args.model,
+        "model": model_name,
         "adapter": args.adapter,
         **results,
     }
     write_outputs(args.output, results, questions, predictions)
     print(
-        f"{args.task or args.task_file} ({results['split'] or 'file'}, {args.scoring}, n={results['n_examples']}, "
+        f"{args.task or args.task_file} ({results['split'] or 'file'}, {settings['scoring']}, n={results['n_examples']}, "
         f"samples={results['n_samples']}): ACC {results['accuracy_percent']:.2f}%  ECE {results['ece_percent']:.2f}%  "
         f"NLL {results['nll']:.4f}  Brier {results['brier']:.4f}  ({results['seconds']:.1f} s) -> {args.output}"
     )

@@ -50,6 +50,7 @@ from bayeslora.evaluate import evaluate, write_outputs
 from bayeslora.files import write_atomically, write_files_atomically
 from bayeslora.methods import Method, get_method
 from bayeslora.models import load_model
+from bayeslora.runs import save_method_state
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import EVALUATION_ROLE, Question, load_task, load_task_file
 from bayeslora.tracking import accelerator_options, start_tracking
@@ -141,7 +142,7 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     extras = {task: load_task(task, EVALUATION_ROLE, source=settings.source, limit=settings.limit_eval)
               for task in extra_eval_tasks}
     method = get_method(settings.method, **settings.method_options)
-    model, tokenizer = load_model(settings.model)
+    model, tokenizer = load_model(settings.model, **settings.loading())
     scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization)
     # fail before writing anything if this tokenizer cannot score the task (e.g. letter labels that are not tokens)
     every = [*train, *validation, *evaluation, *(q for questions in extras.values() for q in questions)]
@@ -183,6 +184,8 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     if not accelerator.is_main_process:
         return None
     write_files_atomically(output, model.save_pretrained)  # the adapter, in peft format
+    save_method_state(output, method, options=settings.method_options, lora=lora, model=settings.model,
+                      loading=settings.loading(), evaluation=evaluation_record(settings))
     summary = {"n_train": len(train), "n_validation": len(validation), "members": [dataclasses.asdict(r) for r in results]}
     write_atomically(output / "training.json", json.dumps(summary, indent=1))
     after = None
@@ -195,6 +198,12 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
                      for task, questions in extras.items()}
     return Experiment(method, len(train), len(validation), trainable_parameters(model, method), train_seconds,
                       str(accelerator.device), after, extra_results, zero_shot)
+
+
+def evaluation_record(settings: TrainSettings) -> dict[str, Any]:
+    """The scoring settings of the run's own evaluations (`evaluate_into`), kept in its run folder."""
+    return {"scoring": settings.scoring, "normalization": settings.normalization, "samples": settings.samples,
+            "seed": settings.seed, "batch_size": settings.eval_batch_size}
 
 
 def evaluate_into(directory: Path, model: nn.Module, tokenizer, questions: Sequence, method, settings: TrainSettings,

@@ -160,6 +160,22 @@ class InducingFactor(nn.Module):
         """KL(q(U) q(W|U) || p(U) p(W|U)); one-sample Monte Carlo for the flow part (see module docstring)."""
         return kl_terms([self])[0]
 
+    # ----- saving: what a plain LoRA layer reads ---------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """Also save the posterior-mean matrix under `weight`, the name of a plain LoRA factor.
+
+        peft without bayeslora (`PeftModel.from_pretrained`, lm-eval's `peft=`) loads `lora_A.weight` and
+        `lora_B.weight` only: it then gets the posterior-mean LoRA instead of keeping its random initial
+        factors, which with B = 0 would silently give back the base model.
+        """
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        with torch.no_grad():
+            destination[prefix + "weight"] = self.mean_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        state_dict.pop(prefix + "weight", None)  # derived from the posterior on saving; nothing to load
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.current_weight is None:
             self.current_weight = draw_weights([self], self.mode, self.generator)[0]

@@ -22,11 +22,16 @@ import tempfile
 from pathlib import Path
 
 import torch
+from peft import prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from bayeslora.errors import UsageError
 
 DEFAULT_MODEL = "smollm2-135m"
+#: --dtype names of the weights' dtypes
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: --load-in-4bit / --load-in-8bit
+QUANTIZATIONS = ("4bit", "8bit")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -105,12 +110,62 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     return configure_tokenizer(_load(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code))
 
 
+def check_loading(dtype: str | torch.dtype, quantization: str | None) -> None:
+    """Refuse (UsageError) an unknown dtype or quantization, or a quantization without bitsandbytes installed."""
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATIONS:
+        raise UsageError(f"unknown quantization {quantization!r}; valid: {', '.join(QUANTIZATIONS)}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(f"--load-in-{quantization} needs bitsandbytes: pip install 'bayeslora[quantization]'")
+
+
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype):
+    """bitsandbytes settings for a 4-bit (NF4, double quantisation) or 8-bit base model; None: not quantised."""
+    if quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _device_map() -> dict[str, int | str]:
+    """The whole quantised model on this process's device (bitsandbytes places weights while loading)."""
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    name_or_path: str,
+    dtype: str | torch.dtype = "fp32",
+    quantization: str | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer) for a Hub id, a local folder, or `"smollm2-135m"`."""
+    """(model in eval mode, tokenizer) for a Hub id, a local folder, or `"smollm2-135m"`.
+
+    `dtype`: the weights' dtype, "fp32" / "bf16" / "fp16" (or a torch dtype); `quantization`: None, "4bit"
+    or "8bit" (bitsandbytes; then `dtype` is the compute dtype, the model is placed with a device map and
+    prepared for adapters with `peft.prepare_model_for_kbit_training`).
+    Adapters added later keep fp32 parameters whatever the base model's dtype.
+    """
+    check_loading(dtype, quantization)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    options: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    quantized = quantization_config(quantization, dtype)
+    if quantized is not None:
+        options.update(quantization_config=quantized, device_map=_device_map())
     tokenizer = load_tokenizer(name_or_path, trust_remote_code)
-    model = _load(AutoModelForCausalLM, name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = _load(AutoModelForCausalLM, name_or_path, **options)
+    if quantized is not None:
+        # peft's recipe for adapters on a quantised base: the weights left unquantised (norms, embeddings) in
+        # fp32, the base frozen; done on every load, so a restored run computes exactly as it trained
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from bayeslora.errors import UsageError
-from bayeslora.models import DEFAULT_MODEL
+from bayeslora.models import DEFAULT_MODEL, DTYPES, check_loading
 from bayeslora.schedules import KL_WEIGHTINGS, LR_SCHEDULES
 from bayeslora.tracking import REPORT_TO, check_report_to
 
@@ -38,6 +38,8 @@ NOT_IDENTITY = ("report_to",)
 
 #: questions held out of a --task-file for model selection unless validation_size says otherwise
 FILE_VALIDATION_SIZE = 200
+#: how the base model is loaded: also flags of `evaluate` and `compare`
+LOADING_SETTINGS = ("dtype", "load_in_4bit", "load_in_8bit")
 
 
 @dataclass
@@ -53,6 +55,11 @@ class TrainSettings:
     scoring: str = _setting("letter", "how choices are scored", choices=["letter", "cloze"])
     normalization: str = _setting("mean", "cloze: mean or sum of the answer's token log-probabilities", choices=["mean", "sum"])
     output: str = _setting(None, "run directory: adapter, checkpoints, logs, results")
+    # base model weights (adapters stay fp32)
+    dtype: str = _setting("fp32", "dtype of the base model's weights", choices=list(DTYPES))
+    load_in_4bit: bool = _setting(False, "load the base model 4-bit (bitsandbytes NF4; --dtype is the compute dtype)",
+                                  action="store_true")
+    load_in_8bit: bool = _setting(False, "load the base model 8-bit (bitsandbytes)", action="store_true")
     # adapter
     r: int = _setting(8, "LoRA rank", type=int)
     lora_alpha: float = _setting(16.0, "LoRA alpha (scaling alpha / r)", type=float)
@@ -98,6 +105,15 @@ class TrainSettings:
     report_to: str = _setting("none", "also log train_log.jsonl's records to this tracker (accelerate's)",
                               choices=list(REPORT_TO))
 
+    @property
+    def quantization(self) -> str | None:
+        """"4bit", "8bit" or None, as `models.load_model` takes it."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+    def loading(self) -> dict[str, Any]:
+        """The keyword arguments of `models.load_model` (and what a run folder records of them)."""
+        return {"dtype": self.dtype, "quantization": self.quantization}
+
     def run_identity(self) -> dict[str, Any]:
         """What defines the run: a directory holding a different one is not reused silently."""
         return {key: value for key, value in dataclasses.asdict(self).items() if key not in NOT_IDENTITY}
@@ -130,6 +146,26 @@ def given_settings(args: argparse.Namespace, names: tuple[str, ...] | None = Non
     """The settings given as flags (`names`: these only); a flag left out is absent from `args`."""
     names = names if names is not None else tuple(setting.name for setting in dataclasses.fields(TrainSettings))
     return {name: value for name, value in vars(args).items() if name in names}
+
+
+def check_loading_settings(dtype: str, load_in_4bit: bool, load_in_8bit: bool) -> None:
+    for name, value in (("load_in_4bit", load_in_4bit), ("load_in_8bit", load_in_8bit)):
+        if not isinstance(value, bool):
+            raise UsageError(f"{name} must be true or false, got {value!r}")
+    if load_in_4bit and load_in_8bit:
+        raise UsageError("--load-in-4bit and --load-in-8bit exclude each other")
+    check_loading(dtype, "4bit" if load_in_4bit else "8bit" if load_in_8bit else None)
+
+
+def loading_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The `load_model` keyword arguments the LOADING_SETTINGS flags gave (`evaluate`); absent ones left out."""
+    given = given_settings(args, LOADING_SETTINGS)
+    four, eight = given.get("load_in_4bit", False), given.get("load_in_8bit", False)
+    check_loading_settings(given.get("dtype", "fp32"), four, eight)
+    loading = {"dtype": given["dtype"]} if "dtype" in given else {}
+    if four or eight:
+        loading["quantization"] = "4bit" if four else "8bit"
+    return loading
 
 
 def make_settings(values: dict[str, Any]) -> TrainSettings:
@@ -198,6 +234,7 @@ def validate(settings: TrainSettings) -> None:
         raise UsageError("--output is required")
     if (s.task is None) == (s.task_file is None):
         raise UsageError("give exactly one of --task and --task-file")
+    check_loading_settings(s.dtype, s.load_in_4bit, s.load_in_8bit)
     if s.eval_file is not None and s.task_file is None:
         raise UsageError("--eval-file goes with --task-file (a registry task has its own evaluation split)")
     for path in (s.task_file, s.eval_file):

@@ -80,6 +80,8 @@ def test_bad_arguments_and_unsupported_requests_are_refused(adapter):
         BayesLoraLM(pretrained=str(MODEL), adapter=str(adapter), samples=0)
     with pytest.raises(UsageError, match="batch_size must be a positive integer"):
         BayesLoraLM(pretrained=str(MODEL), adapter=str(adapter), batch_size="auto")
+    with pytest.raises(UsageError, match="unknown dtype 'float32'; valid: fp32, bf16, fp16"):
+        BayesLoraLM(pretrained=str(MODEL), adapter=str(adapter), dtype="float32")
     lm = BayesLoraLM(pretrained=str(MODEL), adapter=str(adapter))
     with pytest.raises(NotImplementedError, match="loglikelihood requests"):
         lm.generate_until([])

@@ -47,7 +47,7 @@ def test_kronecker_posterior_samples_have_the_inverse_precision_as_covariance():
     torch.manual_seed(0)
     a_root, g_root = torch.randn(3, 3), torch.randn(2, 2)
     a, g, tau = a_root @ a_root.T, g_root @ g_root.T, 0.5
-    posterior = KroneckerPosterior.from_factors(torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float64)), a, g)
+    posterior = KroneckerPosterior.from_factors("w", torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float64)), a, g)
     generator = torch.Generator().manual_seed(0)
     samples = torch.stack([posterior.sample(tau, generator).flatten() for _ in range(40000)])
     covariance = torch.linalg.inv(torch.kron(g, a).double() + tau * torch.eye(6, dtype=torch.float64))

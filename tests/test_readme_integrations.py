@@ -1,4 +1,5 @@
-"""The README's "Use it from…" snippets for Trainer, SFTTrainer and lm-eval, run on the committed fixture model."""
+"""The README's "Use it from…" snippets for Trainer, SFTTrainer and lm-eval, run on the committed fixture model
+(the base model's name becomes the fixture's folder; lm-eval runs a committed local task instead of arc_easy)."""
 
 from __future__ import annotations
 
@@ -19,32 +20,32 @@ from bayeslora.scoring import Scorer
 from bayeslora.tasks import load_task_file
 from tests._integrations_support import FIXTURE, MODEL, fixture_bayeslora_model
 from tests._integrations_support import fresh_accelerate_state  # noqa: F401 (an autouse fixture)
+from tests.test_readme_snippets import snippets
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_block(heading: str) -> str:
-    """The first fenced block after `### heading` in the README."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index(f"### {heading}\n") :]
-    return re.search(r"```[a-z]*\n(.*?)```", section, re.S).group(1)
+def lm_eval_command() -> str:
+    """The shell block after `<!-- snippet: lm-eval-command -->`, continuation lines joined."""
+    block = re.search(r"<!-- snippet: lm-eval-command -->\n```\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return block.group(1).replace("\\\n", " ")
 
 
-def run_snippet(heading: str, directory: Path) -> dict:
+def run_snippet(name: str, directory: Path) -> dict:
     """Execute a Python snippet in `directory` with the fixture model in place of SmolLM2; its variables."""
-    code = readme_block(heading).replace('"smollm2-135m"', repr(str(MODEL)))
+    code = snippets()[name].replace('"smollm2-135m"', repr(str(MODEL)))
     namespace: dict = {}
     cwd = os.getcwd()
     os.chdir(directory)
     try:
-        exec(compile(code, f"README.md: {heading}", "exec"), namespace)
+        exec(compile(code, f"README.md: {name}", "exec"), namespace)
     finally:
         os.chdir(cwd)
     return namespace
 
 
 def test_trainer_snippet_trains_logs_the_kl_and_restores(tmp_path):
-    names = run_snippet("Hugging Face Trainer", tmp_path)
+    names = run_snippet("trainer", tmp_path)
     logged = [record for record in names["trainer"].state.log_history if "kl" in record]
     assert len(logged) == 2 and all(record["kl"] > 0 and record["loss"] > record["nll"] for record in logged)
     model, restored = names["model"].eval(), names["restored"]
@@ -55,7 +56,7 @@ def test_trainer_snippet_trains_logs_the_kl_and_restores(tmp_path):
 
 def test_sft_snippet_trains_and_saves_a_bayeslora_adapter(tmp_path):
     pytest.importorskip("trl")
-    names = run_snippet("TRL SFTTrainer", tmp_path)
+    names = run_snippet("sft", tmp_path)
     assert any("kl" in record for record in names["trainer"].state.log_history)
     adapter = tmp_path / "runs" / "sft" / "adapter"
     restored = bayeslora.load_bayeslora_model(load_model(str(MODEL))[0], adapter)
@@ -74,9 +75,8 @@ def test_lm_eval_command_scores_with_the_posterior_predictive(tmp_path, monkeypa
 
     model = fixture_bayeslora_model(prior_sd=1.0, lambda_init=0.3, max_lambda=0.3, sd_init=0.5, max_sd_u=1.0)
     model.save_pretrained(tmp_path / "adapter")
-    command = readme_block("lm-evaluation-harness").replace("\\\n", " ")
-    command = (command.replace("smollm2-135m", str(MODEL)).replace("runs/trainer/adapter", str(tmp_path / "adapter"))
-               .replace("arc_easy", "bayeslora_arith"))
+    command = (lm_eval_command().replace("smollm2-135m", str(MODEL))
+               .replace("runs/trainer/adapter", str(tmp_path / "adapter")).replace("arc_easy", "bayeslora_arith"))
     arguments = shlex.split(command)[3:] + ["--include_path", "tests/fixtures/lm_eval", "--output_path", str(tmp_path / "out")]
     assert shlex.split(command)[:3] == ["python", "-m", "bayeslora.integrations.lm_eval"]
     monkeypatch.setattr(lm_eval_tasks, "TaskManager", CommittedTasksOnly)

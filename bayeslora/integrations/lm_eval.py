@@ -42,8 +42,6 @@ from bayeslora.models import load_model
 from bayeslora.predictive import log_mean_exp
 from bayeslora.scoring import left_pad, positions
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @register_model("bayeslora")
 class BayesLoraLM(LM):
@@ -55,7 +53,7 @@ class BayesLoraLM(LM):
         seed: int = 0,
         batch_size: int | str = 8,
         device: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "fp32",
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -63,9 +61,7 @@ class BayesLoraLM(LM):
             raise UsageError(f"samples must be a positive integer, got {samples!r}")
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise UsageError(f"batch_size must be a positive integer (no 'auto'), got {batch_size!r}")
-        if dtype not in DTYPES:
-            raise UsageError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-        base, self.tokenizer = load_model(pretrained, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        base, self.tokenizer = load_model(pretrained, dtype=dtype, trust_remote_code=trust_remote_code)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # lm-eval's default is cuda:0
             raise UsageError(f"device {device!r} asked for, but CUDA is not available: pass --device cpu")

@@ -19,7 +19,10 @@ metrics. A method contributes only what differs:
   None means its `default_samples`; deterministic methods give one draw and an
   ensemble one per member, whatever is asked;
 - `adjust_logits`: a transform of per-choice logits before the softmax
-  (temperature scaling).
+  (temperature scaling);
+- `fitted_state` / `load_fitted_state`: what `after_training` fitted beyond the
+  adapter weights peft saves (a temperature, Laplace factors), as tensors and
+  JSON values, so that a run folder restores the method (`bayeslora.runs`).
 
 Register a method with `@register_method`; look it up with `get_method(name)`.
 """
@@ -68,6 +71,9 @@ class Method:
     post_hoc_of: ClassVar[str | None] = None
     #: AdamW weight decay used by the training loop
     weight_decay: ClassVar[float] = 0.0
+    #: the method's adapter or fitted state is more than a plain peft LoRA adapter folder holds, so it is
+    #: restored from a run folder only (`bayeslora.runs`), never rebuilt around a bare adapter
+    needs_run_folder: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -117,3 +123,13 @@ class Method:
     def adjust_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-choice logits (questions x choices) -> logits fed to the softmax."""
         return logits
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What `after_training` fitted beyond the adapter weights: (named tensors, JSON-serialisable values)."""
+        return {}, {}
+
+    def load_fitted_state(self, model: nn.Module, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        """Put back what `fitted_state` returned, on a model rebuilt by `prepare` and loaded with the saved adapter.
+
+        A missing or malformed entry raises KeyError, TypeError or ValueError (the caller names the run folder).
+        """

@@ -143,6 +143,7 @@ def gaussian_lora(model: nn.Module, lora: dict[str, Any]) -> nn.Module:
 class BLoB(Method):
     name: ClassVar[str] = "blob"
     default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
+    needs_run_folder: ClassVar[bool] = True  # its Gaussian layers (their sds are saved with the adapter by peft)
 
     def __init__(self, prior_sd: float = 0.2, kl_reweighting: bool = True, **options: Any) -> None:
         super().__init__(**options)

@@ -50,6 +50,7 @@ def active_member(model: PeftModel, index: int) -> Iterator[None]:
 class Ensemble(Method):
     name: ClassVar[str] = "ensemble"
     default_samples: ClassVar[int] = 3
+    needs_run_folder: ClassVar[bool] = True  # M adapters: peft saves member_k in the subfolder member_k/
 
     def __init__(self, members: int = 3, **options: Any) -> None:
         check_count("ensemble members", members)

@@ -56,19 +56,23 @@ from bayeslora.methods.map import MAP
 
 @dataclass
 class KroneckerPosterior:
-    """N(W_MAP, (G (x) A + tau I)^-1) for one weight matrix, via the eigendecompositions of A and G."""
+    """N(W_MAP, (G (x) A + tau I)^-1) for one weight matrix `name`, via the eigendecompositions of A and G."""
 
+    name: str
     weight: nn.Parameter
     eig_a: torch.Tensor
     basis_a: torch.Tensor
     eig_g: torch.Tensor
     basis_g: torch.Tensor
 
+    #: what a run folder saves of a posterior (W_MAP is the adapter itself)
+    FITTED: ClassVar[tuple[str, ...]] = ("eig_a", "basis_a", "eig_g", "basis_g")
+
     @classmethod
-    def from_factors(cls, weight: nn.Parameter, a: torch.Tensor, g: torch.Tensor) -> "KroneckerPosterior":
+    def from_factors(cls, name: str, weight: nn.Parameter, a: torch.Tensor, g: torch.Tensor) -> "KroneckerPosterior":
         eig_a, basis_a = torch.linalg.eigh(a.double().cpu())  # kept on the CPU: small, and the sampler's generator is there
         eig_g, basis_g = torch.linalg.eigh(g.double().cpu())
-        return cls(weight, eig_a.clamp_min(0), basis_a, eig_g.clamp_min(0), basis_g)
+        return cls(name, weight, eig_a.clamp_min(0), basis_a, eig_g.clamp_min(0), basis_g)
 
     def sample(self, prior_precision: float, generator: torch.Generator) -> torch.Tensor:
         """One draw of W - W_MAP, shape of W."""
@@ -173,6 +177,7 @@ class Laplace(MAP):
     name: ClassVar[str] = "laplace"
     post_hoc_of: ClassVar[str | None] = "map"
     default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
+    needs_run_folder: ClassVar[bool] = True
     last_block_only: ClassVar[bool] = False
 
     def __init__(
@@ -198,7 +203,7 @@ class Laplace(MAP):
         factors = kfac_factors(model, modules, used, choice_logits)
         data_scale = len(train_batches) / len(used)  # G is a sum over the training set
         self.posteriors = [
-            KroneckerPosterior.from_factors(modules[name].weight, a, g * data_scale) for name, (a, g) in factors.items()
+            KroneckerPosterior.from_factors(name, modules[name].weight, a, g * data_scale) for name, (a, g) in factors.items()
         ]
         grid = tqdm(self.prior_grid, desc="laplace prior search", unit="prior")
         self.prior_precision = min(grid, key=lambda tau: self._validation_nll(model, validation_batches, choice_logits, tau))
@@ -221,6 +226,23 @@ class Laplace(MAP):
     def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
         for sample in range(self.sample_count(n_samples)):
             yield held_sample(self.posteriors, self.prior_precision, seed + sample)
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{p.name}.{part}": getattr(p, part) for p in self.posteriors for part in KroneckerPosterior.FITTED}
+        # the order of the matrices is the order of their draws from one seeded generator: kept
+        return tensors, {"prior_precision": self.prior_precision, "matrices": [p.name for p in self.posteriors]}
+
+    def load_fitted_state(self, model, tensors, values) -> None:
+        modules = lora_weight_modules(model, self.last_block_only)
+        names = list(values["matrices"])
+        if sorted(names) != sorted(modules):
+            unknown = sorted(set(names) ^ set(modules))
+            raise ValueError(f"the saved Laplace posterior does not cover this adapter's matrices (first difference: {unknown[0]})")
+        self.posteriors = [
+            KroneckerPosterior(name, modules[name].weight, *(tensors[f"{name}.{part}"] for part in KroneckerPosterior.FITTED))
+            for name in names
+        ]
+        self.prior_precision = float(values["prior_precision"])
 
 
 @register_method

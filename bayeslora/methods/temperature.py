@@ -57,6 +57,7 @@ def collect_logits(
 class Temperature(MAP):
     name: ClassVar[str] = "temperature"
     post_hoc_of: ClassVar[str | None] = "map"
+    needs_run_folder: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -69,3 +70,9 @@ class Temperature(MAP):
 
     def adjust_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return scale_logits(logits, self.temperature)
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"temperature": self.temperature}
+
+    def load_fitted_state(self, model, tensors, values) -> None:
+        self.temperature = float(values["temperature"])

@@ -67,6 +67,7 @@ class TFB(MAP):
     name: ClassVar[str] = "tfb"
     post_hoc_of: ClassVar[str | None] = "map"
     default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
+    needs_run_folder: ClassVar[bool] = True
 
     def __init__(
         self, budget: float = 0.01, sigma_max: float = 0.2, search_steps: int = 10, search_samples: int = 4, **options: Any
@@ -126,6 +127,13 @@ class TFB(MAP):
     def draws(self, model: nn.Module, n_samples: int | None = None, seed: int = 0) -> Iterator[ContextManager]:
         for sample in range(self.sample_count(n_samples)):
             yield held_draw(model, seed + sample)
+
+    def fitted_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        # the rotated factors and the per-row sds the search set are adapter tensors, saved by peft
+        return {}, {"sigma": self.sigma}
+
+    def load_fitted_state(self, model, tensors, values) -> None:
+        self.sigma = float(values["sigma"])
 
 
 def pseudo_label_nll(probs: list[torch.Tensor], labels: list[torch.Tensor]) -> float:
