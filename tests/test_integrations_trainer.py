@@ -149,3 +149,20 @@ def test_a_loss_with_the_kl_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", MissingKLWarning)
         (model(ids).logits.mean() + bayeslora.kl_divergence(model) / 100).backward()
+
+
+def test_trainer_checkpoints_hold_the_posterior_and_training_resumes_from_them(tmp_path):
+    tokenizer = fixture_tokenizer()
+    model = fixture_bayeslora_model()
+    make_trainer(BayesLoraTrainer, tmp_path / "run", model, tokenizer,
+                 args={"save_strategy": "steps", "save_steps": 2}).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    restored = bayeslora.load_bayeslora_model(AutoModelForCausalLM.from_pretrained(MODEL), checkpoint)
+    for name, value in posterior_state(model).items():
+        assert torch.equal(value, restored.get_parameter(name))
+    resumed = make_trainer(BayesLoraTrainer, tmp_path / "run", fixture_bayeslora_model(seed=1), tokenizer,
+                           args={"max_steps": 3})
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    record = training_logs(resumed)[-1]  # the history before the checkpoint comes back with it
+    assert record["step"] == 3 and record["kl"] > 0
+    assert record["loss"] == pytest.approx(record["nll"] + record["kl"] / len(tokenized_dataset(tokenizer)), rel=1e-5)

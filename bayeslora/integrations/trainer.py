@@ -116,7 +116,7 @@ class BayesLoraTrainerMixin:
         self._sums = dict.fromkeys(LOGGED, 0.0)
         self._spreads: list[float] = []
         self._spread_step = -1
-        self._last_logged_step = 0
+        self._steps_since_log: set[int] = set()  # optimizer steps whose micro-batches are in `_sums`
 
     # ----- the KL schedule needs the number of optimizer steps per epoch ---------------------------
     def set_initial_training_values(self, args, dataloader):
@@ -125,7 +125,6 @@ class BayesLoraTrainerMixin:
         schedule = self.kl_schedule
         self.kl_weighting = KLWeighting(schedule.weighting, schedule.beta, schedule.warmup, schedule.warmup_unit,
                                         schedule.n_train or self._training_examples(), steps_per_epoch)
-        self._last_logged_step = self.state.global_step
         return values
 
     def _training_examples(self) -> int:
@@ -172,6 +171,7 @@ class BayesLoraTrainerMixin:
         for name, value in (("nll", task_loss.detach().float().mean().item() * task_share),
                             ("kl", kl.item() / micro_batches), ("beta", weight / micro_batches)):
             self._sums[name] += value
+        self._steps_since_log.add(step)
         return (loss, outputs) if return_outputs else loss
 
     def _loss_is_scaled_for_accumulation(self, num_items_in_batch) -> bool:
@@ -183,7 +183,7 @@ class BayesLoraTrainerMixin:
 
     # ----- logging ---------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        steps = self.state.global_step - self._last_logged_step
+        steps = len(self._steps_since_log)
         if "loss" in logs and steps > 0:  # a training log: means since the previous one
             means = torch.tensor([self._sums[name] / steps for name in LOGGED], device=self.args.device)
             means = self.accelerator.reduce(means, reduction="mean")
@@ -192,7 +192,7 @@ class BayesLoraTrainerMixin:
                 logs["mutual_information"] = sum(self._spreads) / len(self._spreads)
             self._sums = dict.fromkeys(LOGGED, 0.0)
             self._spreads = []
-            self._last_logged_step = self.state.global_step
+            self._steps_since_log = set()
         super().log(logs, start_time)
 
 
