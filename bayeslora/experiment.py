@@ -186,7 +186,8 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     write_files_atomically(output, model.save_pretrained)  # the adapter, in peft format
     save_method_state(output, method, options=settings.method_options, lora=lora, model=settings.model,
                       loading=settings.loading(), evaluation=evaluation_record(settings))
-    summary = {"n_train": len(train), "n_validation": len(validation), "members": [dataclasses.asdict(r) for r in results]}
+    summary = {"n_train": len(train), "n_validation": len(validation), "train_seconds": train_seconds,
+               "members": [dataclasses.asdict(r) for r in results]}
     write_atomically(output / "training.json", json.dumps(summary, indent=1))
     after = None
     if evaluation:

@@ -1,0 +1,137 @@
+"""Where does calibration come from? One seed of the `calibration` preset's run, one row per variant.
+
+    python scripts/calibration_ablation.py                      # every row not finished yet, then the table
+    python scripts/calibration_ablation.py --rows lora,bayeslora,bayeslora_paper
+    python scripts/calibration_ablation.py --table-only
+
+Each row is one `bayeslora train` run with the preset's training settings (SmolLM2-135M, ARC-Easy cloze,
+200 training questions x 10 epochs, lr 1e-3, the last epoch kept, 500 test questions) plus the row's
+changes, written to docs/results/calibration-smollm2/ablation/<row>/ (only its small result files are
+committed); the rows `lora` and `bayeslora` are the seed-1 units of the preset's grid (grid/), run by
+`bayeslora compare` rather than twice. A finished row (results.json) is skipped and an interrupted one resumes from its
+checkpoint, so the script can be rerun across sessions. The table (ablation.md next to the runs) has
+ACC, ECE, NLL, the mean mutual information (also over wrong and right answers) and training seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from bayeslora.files import write_atomically
+from bayeslora.presets import PRESETS
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "calibration-smollm2"
+ROOT, GRID = RESULTS / "ablation", RESULTS / "grid"
+PRESET = PRESETS["calibration"]
+RELEASED_AIDS = {"label_smoothing": {"label_smoothing": 0.05}, "entropy_bonus": {"entropy_bonus": 0.05}}
+
+#: row -> (what it is, method, method options, training settings changed from the preset's)
+ROWS: dict[str, tuple[str, str, dict, dict]] = {
+    "lora": ("plain LoRA (mle)", "mle", {}, {}),
+    "lora_label_smoothing": ("LoRA + label smoothing 0.05", "mle", {}, RELEASED_AIDS["label_smoothing"]),
+    "lora_entropy_bonus": ("LoRA + entropy bonus 0.05", "mle", {}, RELEASED_AIDS["entropy_bonus"]),
+    "lora_dropout_at_evaluation": ("LoRA, dropout 0.05 left on at evaluation (4 masks)", "mcdropout", {"dropout": 0.05}, {}),
+    "bayeslora": ("Bayesian-LoRA, library defaults", "bayeslora", {}, {}),
+    "bayeslora_label_smoothing": ("Bayesian-LoRA + label smoothing 0.05", "bayeslora", {}, RELEASED_AIDS["label_smoothing"]),
+    "bayeslora_entropy_bonus": ("Bayesian-LoRA + entropy bonus 0.05", "bayeslora", {}, RELEASED_AIDS["entropy_bonus"]),
+    "bayeslora_dropout_at_evaluation": ("Bayesian-LoRA, LoRA dropout 0.05 left on at evaluation", "bayeslora",
+                                        {"dropout_at_evaluation": True}, {"lora_dropout": 0.05}),
+    "bayeslora_released_kl": ("Bayesian-LoRA, released KL weighting (0.1 KL / batches, from epoch 3)", "bayeslora",
+                              {}, {"kl_weighting": "released"}),
+    "bayeslora_paper": ("Bayesian-LoRA, published constants, q_proj Bayesian and v_proj plain (as released)",
+                        "bayeslora", {"constants": "paper", "bayesian_modules": ["q_proj"], "posterior_weight_decay": 0.01},
+                        {}),
+}
+#: rows that are units of the preset's grid (seed 1): run by `bayeslora compare`, not twice
+GRID_UNITS = {"lora": "mle", "bayeslora": "bayeslora"}
+
+
+def row_dir(row: str) -> Path:
+    if row in GRID_UNITS:
+        return GRID / "runs" / PRESET["tasks"][0] / GRID_UNITS[row] / f"seed-{PRESET['seeds'][0]}"
+    return ROOT / row
+
+
+def settings(row: str) -> dict:
+    _, method, options, changes = ROWS[row]
+    return {**PRESET["train"], "model": PRESET["model"], "task": PRESET["tasks"][0], "method": method,
+            "method_options": options, "seed": PRESET["seeds"][0], "zero_shot": False, **changes}
+
+
+def run_row(row: str) -> None:
+    output = row_dir(row)
+    if (output / "results.json").is_file():
+        print(f"{row}: finished earlier, reused", flush=True)
+        return
+    if row in GRID_UNITS:
+        command = [sys.executable, "-m", "bayeslora", "compare", "--preset", "calibration", "--methods",
+                   GRID_UNITS[row], "--seeds", str(PRESET["seeds"][0]), "--output", str(GRID)]
+        print(f"{row}: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True)
+        return
+    resume = any(output.glob("**/checkpoints/latest"))
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config:
+        yaml.safe_dump(settings(row), config)
+        command = [sys.executable, "-m", "bayeslora", "train", "--config", config.name, "--output", str(output),
+                   "--resume" if resume else "--overwrite"]
+        print(f"{row}: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True)
+
+
+def row_summary(row: str) -> dict | None:
+    output = row_dir(row)
+    if not (output / "results.json").is_file():
+        return None
+    results = json.loads((output / "results.json").read_text())
+    training = json.loads((output / "training.json").read_text())
+    return {"row": row, "description": ROWS[row][0], **{key: results.get(key) for key in (
+        "accuracy_percent", "ece_percent", "nll", "mutual_information", "mutual_information_wrong",
+        "mutual_information_right", "n_examples", "n_samples")},
+        "train_seconds": training.get("train_seconds")}
+
+
+def write_table(rows: list[str]) -> Path:
+    summaries = [summary for row in rows if (summary := row_summary(row)) is not None]
+
+    def number(value, fmt: str) -> str:
+        return "–" if value is None else format(value, fmt)
+
+    lines = ["| row | ACC (%) | ECE (%) | NLL (nats) | MI (nats) | MI wrong / right | training (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        lines.append(f"| {s['description']} (`{s['row']}`) | {number(s['accuracy_percent'], '.1f')} | "
+                     f"{number(s['ece_percent'], '.1f')} | {number(s['nll'], '.3f')} | "
+                     f"{number(s['mutual_information'], '.2g')} | {number(s['mutual_information_wrong'], '.2g')} / "
+                     f"{number(s['mutual_information_right'], '.2g')} | {number(s['train_seconds'], '.0f')} |")
+    target = ROOT / "ablation.md"
+    ROOT.mkdir(parents=True, exist_ok=True)
+    write_atomically(target, "\n".join(lines) + "\n")
+    write_atomically(ROOT / "ablation.json", json.dumps(summaries, indent=1) + "\n")
+    return target
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", help=f"comma-separated rows (default: all): {', '.join(ROWS)}")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the table from finished rows")
+    args = parser.parse_args()
+    rows = args.rows.split(",") if args.rows else list(ROWS)
+    unknown = [row for row in rows if row not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {', '.join(unknown)}; valid rows: {', '.join(ROWS)}")
+    if not args.table_only:
+        for row in rows:
+            run_row(row)
+    print(f"wrote {write_table(list(ROWS))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
