@@ -23,6 +23,7 @@ import yaml
 from bayeslora.errors import UsageError
 from bayeslora.models import DEFAULT_MODEL, DTYPES, check_loading
 from bayeslora.schedules import KL_WEIGHTINGS, LR_SCHEDULES
+from bayeslora.tracking import REPORT_TO, check_report_to
 
 
 def _setting(default: Any, help: str, **argparse_options: Any) -> Any:
@@ -31,6 +32,9 @@ def _setting(default: Any, help: str, **argparse_options: Any) -> Any:
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **argparse_options})
     return field(default=default, metadata={"help": help, **argparse_options})
 
+
+#: settings that say where a run reports, not what it is: changing them does not make another run
+NOT_IDENTITY = ("report_to",)
 
 #: questions held out of a --task-file for model selection unless validation_size says otherwise
 FILE_VALIDATION_SIZE = 200
@@ -98,6 +102,8 @@ class TrainSettings:
     zero_shot: bool = _setting(True, "also evaluate the base model before training", action=argparse.BooleanOptionalAction)
     seed: int = _setting(0, "seed of the adapter initialisation, data order and posterior draws", type=int)
     checkpoint_every: int = _setting(50, "checkpoint every K optimizer steps (and at each epoch end)", type=int)
+    report_to: str = _setting("none", "also log train_log.jsonl's records to this tracker (accelerate's)",
+                              choices=list(REPORT_TO))
 
     @property
     def quantization(self) -> str | None:
@@ -110,7 +116,7 @@ class TrainSettings:
 
     def run_identity(self) -> dict[str, Any]:
         """What defines the run: a directory holding a different one is not reused silently."""
-        return dataclasses.asdict(self)
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in NOT_IDENTITY}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +243,7 @@ def validate(settings: TrainSettings) -> None:
     from bayeslora.methods import METHODS, check_method_name  # the registry fills as method modules are imported
 
     check_method_name(s.method)
+    check_report_to(s.report_to)
     positive = {"lr": s.lr, "epochs": s.epochs, "batch_size": s.batch_size, "grad_accum": s.grad_accum,
                 "r": s.r, "eval_batch_size": s.eval_batch_size, "checkpoint_every": s.checkpoint_every}
     optional_positive = {"max_steps": s.max_steps, "limit_train": s.limit_train, "limit_eval": s.limit_eval,

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, ContextManager
 
 import torch
+from accelerate.utils import tqdm
 from torch import nn
 
 from bayeslora.methods.base import PREDICTIVE_SAMPLES, register_method
@@ -133,7 +134,7 @@ def kfac_factors(
     handles = [module.register_forward_hook(forward_hook(name)) for name, module in modules.items()]
     params = [module.weight for module in modules.values()]
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="laplace curvature", unit="batch"):
             logits = choice_logits(model, batch).float()
             present = torch.isfinite(logits)
             logits = logits.masked_fill(~present, 0.0)  # padded choices: p = 0, so they carry no curvature
@@ -204,7 +205,8 @@ class Laplace(MAP):
         self.posteriors = [
             KroneckerPosterior.from_factors(name, modules[name].weight, a, g * data_scale) for name, (a, g) in factors.items()
         ]
-        self.prior_precision = min(self.prior_grid, key=lambda tau: self._validation_nll(model, validation_batches, choice_logits, tau))
+        grid = tqdm(self.prior_grid, desc="laplace prior search", unit="prior")
+        self.prior_precision = min(grid, key=lambda tau: self._validation_nll(model, validation_batches, choice_logits, tau))
 
     @torch.no_grad()
     def _validation_nll(self, model, batches, choice_logits, prior_precision: float) -> float:

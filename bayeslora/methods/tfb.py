@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, ContextManager
 
 import torch
+from accelerate.utils import tqdm
 from torch import nn
 
 from bayeslora.methods.base import PREDICTIVE_SAMPLES, register_method
@@ -93,9 +94,13 @@ class TFB(MAP):
         pseudo_labels = [probs.argmax(-1) for probs in deterministic]
         nll_0 = pseudo_label_nll(deterministic, pseudo_labels)
 
+        # at most 1 + search_steps trials: sigma_max, then the bisection if sigma_max is over budget
+        bar = tqdm(total=1 + self.search_steps, desc="tfb sigma search", unit="trial")
+
         def within_budget(sigma: float) -> bool:
             set_sigma(scales, sigma)
             draws = [self._batch_probs(model, batch, choice_logits) for batch in validation_batches]
+            bar.update()
             return abs(pseudo_label_nll(draws, pseudo_labels) - nll_0) <= self.budget * nll_0
 
         low, high = 0.0, self.sigma_max
@@ -105,6 +110,7 @@ class TFB(MAP):
             for _ in range(self.search_steps):
                 middle = (low + high) / 2
                 low, high = (middle, high) if within_budget(middle) else (low, middle)
+        bar.close()
         self.sigma = low
         set_sigma(scales, self.sigma)
 
