@@ -51,7 +51,7 @@ from accelerate.utils import tqdm
 from torch import nn
 
 from bayeslora.methods.base import PREDICTIVE_SAMPLES, register_method
-from bayeslora.methods.map import MAP
+from bayeslora.methods.map import PostHocMAP
 
 
 @dataclass
@@ -173,11 +173,9 @@ def held_sample(posteriors: list[KroneckerPosterior], prior_precision: float, se
 
 
 @register_method
-class Laplace(MAP):
+class Laplace(PostHocMAP):
     name: ClassVar[str] = "laplace"
-    post_hoc_of: ClassVar[str | None] = "map"
     default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
-    needs_run_folder: ClassVar[bool] = True
     last_block_only: ClassVar[bool] = False
 
     def __init__(

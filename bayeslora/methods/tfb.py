@@ -35,7 +35,7 @@ from torch import nn
 
 from bayeslora.methods.base import PREDICTIVE_SAMPLES, register_method
 from bayeslora.methods.blob import gaussian_layers, gaussian_lora, held_draw
-from bayeslora.methods.map import MAP
+from bayeslora.methods.map import PostHocMAP
 
 
 @torch.no_grad()
@@ -63,11 +63,9 @@ def set_sigma(scales: list[tuple[nn.Parameter, torch.Tensor]], sigma: float) -> 
 
 
 @register_method
-class TFB(MAP):
+class TFB(PostHocMAP):
     name: ClassVar[str] = "tfb"
-    post_hoc_of: ClassVar[str | None] = "map"
     default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
-    needs_run_folder: ClassVar[bool] = True
 
     def __init__(
         self, budget: float = 0.01, sigma_max: float = 0.2, search_steps: int = 10, search_samples: int = 4, **options: Any
