@@ -30,6 +30,7 @@ from bayeslora.config import BayesLoraConfig, names_module
 from bayeslora.errors import CorruptFileError
 from bayeslora.files import write_files_atomically
 from bayeslora.inducing import SAMPLING_MODES, InducingFactor, draw_weights, kl_terms
+from bayeslora.kl_guard import note_kl_computed
 from bayeslora.layer import BayesianFactors
 from bayeslora.saved_files import check_tensors, read_json_object, read_tensors
 
@@ -105,6 +106,7 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
     groups = factor_groups(model)
     if not groups:
         raise ValueError("the model has no Bayesian factors (was it built with get_bayeslora_model?)")
+    note_kl_computed(factor for group in groups for factor in group)
     return torch.stack([kl_terms(group).sum() for group in groups]).sum()
 
 

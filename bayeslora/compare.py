@@ -31,11 +31,11 @@ from bayeslora.files import write_atomically
 from bayeslora.output_dir import check_not_in_use, holds_files, output_lock, remove_stale_temporaries
 from bayeslora.presets import PRESETS
 from bayeslora.saved_files import read_json_object
-from bayeslora.train_settings import LOADING_SETTINGS, TrainSettings, add_setting_flags, given_settings, make_settings, read_config, read_yaml_mapping
+from bayeslora.train_settings import LOADING_SETTINGS, NOT_IDENTITY, TrainSettings, add_setting_flags, given_settings, make_settings, read_config, read_yaml_mapping
 
 #: the training settings compare takes as flags (every other one through --train-config)
 SETTING_FLAGS = (*LOADING_SETTINGS, "scoring", "samples", "epochs", "max_steps", "batch_size", "lr", "limit_train",
-                 "limit_validation", "limit_eval", "eval_batch_size")
+                 "limit_validation", "limit_eval", "eval_batch_size", "report_to")
 #: compare's own defaults (SmolLM2-135M is at chance with letter scoring; the base model is no unit)
 DEFAULTS = {"scoring": "cloze", "zero_shot": False}
 #: settings each unit sets itself
@@ -90,7 +90,8 @@ class Grid:
 
     def identity(self) -> dict[str, Any]:
         """What every unit of DIR shares; units may be added (tasks, methods, seeds), settings not changed."""
-        return {"model": self.model, **self.train, "method_options": self.method_options}
+        shared = {key: value for key, value in self.train.items() if key not in NOT_IDENTITY}
+        return {"model": self.model, **shared, "method_options": self.method_options}
 
 
 def _names(text: str | None, what: str, kind: type = str) -> list | None:

@@ -76,6 +76,8 @@ class BayesLoraConfig(LoraConfig):
             raise ValueError(f"bayesian_modules must be a name pattern or a list of names, got {self.bayesian_modules!r}")
         if self.lambda_init > self.max_lambda:
             raise ValueError(f"lambda_init={self.lambda_init} exceeds max_lambda={self.max_lambda}")
+        if self.sd_init > self.max_sd_u:
+            raise ValueError(f"sd_init={self.sd_init} exceeds max_sd_u={self.max_sd_u}")
         if isinstance(self.bayesian_modules, (list, tuple, set)):
             self.bayesian_modules = list(self.bayesian_modules)
             if isinstance(self.target_modules, (set, list, tuple)):

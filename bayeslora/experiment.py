@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from peft import set_peft_model_state_dict
 from rich.console import Console
 from rich.table import Table
@@ -55,6 +55,7 @@ from bayeslora.runs import save_method_state
 from bayeslora.scoring import Scorer
 from bayeslora.tasks import EVALUATION_ROLE, Question, load_task, load_task_file
 from bayeslora.saved_files import read_json_object, read_tensors
+from bayeslora.tracking import accelerator_options, start_tracking
 from bayeslora.train import TrainingDiverged, check_batches, fit, post_hoc_fit
 from bayeslora.train_settings import FILE_VALIDATION_SIZE, TrainSettings, add_arguments, settings_from_args
 
@@ -84,6 +85,14 @@ def split_validation(questions: Sequence, size: int, seed: int, limit: int | Non
     validation = [questions[i] for i in order[:size]]
     train = [questions[i] for i in sorted(order[size:])]
     return train[:limit], validation
+
+
+def check_not_sharded(distributed_type: DistributedType) -> None:
+    """Refuse FSDP, DeepSpeed and Megatron launches: the loop's checkpoints, best-epoch copies and adapter saves
+    read whole parameters on the main process, which a sharded model does not hold (docs/training.md)."""
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise UsageError(f"bayeslora train runs on one process or several under DDP, not under {distributed_type.value}: "
+                         "its checkpoints and adapter saves would hold one process's shard only")
 
 
 def load_questions(settings: TrainSettings) -> tuple[list[Question], list[Question], list[Question]]:
@@ -143,10 +152,11 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
            max_length=context_length(load_model_config(settings.model)), truncate_left=settings.truncate_left,
            ).check(every)
     # without a GPU, accelerate runs several launched processes as one gloo group only when told cpu=True
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_options(settings.report_to, output))
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         raise UsageError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
                          f"{accelerator.num_processes}; check the accelerate launch settings")
+    check_not_sharded(accelerator.distributed_type)
     check_batches(settings, len(train), accelerator.num_processes)
     # one writer at a time: a second run on this folder refuses instead of interleaving with this one
     with output_lock(output) if accelerator.is_main_process else contextlib.nullcontext():
@@ -154,6 +164,7 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
             check_output_dir(output, identity, resume=resume, overwrite=overwrite)  # again, now that it is ours
             start_run_dir(output, identity, resume=resume, overwrite=overwrite)
         accelerator.wait_for_everyone()
+        start_tracking(accelerator, settings.report_to, identity, run_name=str(output))
         return _train_and_evaluate(settings, method, train, validation, evaluation, extras, output, accelerator, resume)
 
 
@@ -186,6 +197,7 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
         post_hoc_fit(model, scorer, method, train, validation, settings.eval_batch_size, accelerator.device)
         results = []
     train_seconds = time.perf_counter() - start
+    accelerator.end_training()  # closes the tracker's run (nothing without one)
     if not accelerator.is_main_process:
         return None
     write_files_atomically(output, model.save_pretrained)  # the adapter, in peft format

@@ -22,6 +22,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from bayeslora.inducing import InducingFactor
+from bayeslora.kl_guard import watch_for_missing_kl
 
 
 class BayesianFactors:
@@ -41,6 +42,7 @@ class BayesianFactors:
         r = self.r[adapter_name]
         self.lora_A[adapter_name] = InducingFactor(r, self.in_features, **settings).to(device)
         self.lora_B[adapter_name] = InducingFactor(self.out_features, r, **settings).to(device)
+        watch_for_missing_kl(self.lora_A[adapter_name])
         # the new factors must follow peft's trainable / frozen state of this adapter
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 

@@ -113,7 +113,7 @@ def label_tokens(tokenizer: PreTrainedTokenizerBase, n_labels: int) -> tuple[str
     raise UsageError(f"the labels {', '.join(letters)} are not single tokens after {ANSWER_CUE!r} for this tokenizer")
 
 
-def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask), both [N, max length], padded on the left."""
     length = max(len(sequence) for sequence in sequences)
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -125,7 +125,7 @@ def _left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return ids, mask
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token, whatever the left padding."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
@@ -220,13 +220,13 @@ class Scorer:
         max_choices = max(len(question.choices) for question in questions)
         prompt_tail, label_ids = label_tokens(self.tokenizer, max_choices)
         prompts = [self._letter_tokens(question, prompt_tail) for question in questions]
-        input_ids, attention_mask = _left_pad(prompts, self.pad_id)
+        input_ids, attention_mask = left_pad(prompts, self.pad_id)
         labels = torch.tensor(label_ids, dtype=torch.long).expand(len(questions), max_choices).clone()
         return {"input_ids": input_ids, "attention_mask": attention_mask, "label_ids": labels}
 
     def _collate_cloze(self, questions: Sequence[Question]) -> Batch:
         prompts, continuations = zip(*(self._cloze_tokens(question) for question in questions))
-        prompt_ids, prompt_mask = _left_pad(prompts, self.pad_id)
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)
         max_choices = max(len(encoded) for encoded in continuations)
         max_tokens = max(len(tokens) for encoded in continuations for tokens in encoded)
         choice_ids = torch.full((len(questions), max_choices, max_tokens), self.pad_id, dtype=torch.long)
@@ -248,7 +248,7 @@ class Scorer:
         output = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            position_ids=_positions(batch["attention_mask"]),
+            position_ids=positions(batch["attention_mask"]),
             logits_to_keep=1,
         )
         return output.logits[:, -1, :].float().gather(1, batch["label_ids"])
@@ -259,7 +259,7 @@ class Scorer:
         prompt = model(
             input_ids=batch["prompt_ids"],
             attention_mask=prompt_mask,
-            position_ids=_positions(prompt_mask),
+            position_ids=positions(prompt_mask),
             use_cache=True,
             logits_to_keep=1,
         )
@@ -306,9 +306,9 @@ class Scorer:
             for column in range(n_choices):
                 sequences.append(prompt + choice_ids[row, column][token_mask[row, column].bool()].tolist())
                 prompt_lengths.append(len(prompt))
-        input_ids, attention_mask = _left_pad(sequences, self.pad_id)
+        input_ids, attention_mask = left_pad(sequences, self.pad_id)
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask))
+        output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask))
         log_probs = output.logits[:, :-1, :].float().log_softmax(-1).gather(2, input_ids[:, 1:, None]).squeeze(-1)
         # continuation tokens sit at the right end of each left-padded row
         flat_mask = token_mask.reshape(n_questions * n_choices, n_tokens).to(device)

@@ -50,6 +50,7 @@ from bayeslora.inducing import MEAN, InducingFactor, draw_weights
 from bayeslora.metrics import nll
 from bayeslora.predictive import predict
 from bayeslora.schedules import KLWeighting, lr_scheduler
+from bayeslora.tracking import scalars
 from bayeslora.train_settings import TrainSettings
 
 __all__ = ["check_batches", "fit", "FitResult", "task_loss", "TrainingDiverged", "unusable_module"]
@@ -113,10 +114,10 @@ def task_loss(logits: torch.Tensor, answers: torch.Tensor, label_smoothing: floa
 
 
 def validate(model: nn.Module, scorer, method, questions: Sequence, n_samples: int | None, seed: int,
-             batch_size: int) -> dict[str, Any]:
+             batch_size: int, progress: bool = False) -> dict[str, Any]:
     """On held-out questions: the NLL (nats per question) of the method's predictive, mean over draws of
     softmax(z), and how much the draws disagree (mutual information, draw spread; see `diagnostics`)."""
-    predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size)
+    predictions = predict(model, scorer, questions, method, n_samples, seed, batch_size, progress)
     return {"validation_nll": nll(predictions.probs, predictions.answers), **draw_disagreement(predictions)}
 
 
@@ -179,7 +180,8 @@ def fit(
         with member:
             results.append(_fit_member(model, scorer, method, train_questions, validation_questions, settings, folder,
                                        accelerator, settings.seed + index,
-                                       resume=resume and latest_checkpoint(folder) is not None))
+                                       resume=resume and latest_checkpoint(folder) is not None,
+                                       tracker_prefix="" if len(members) == 1 else f"member-{index}/"))
     post_hoc_fit(model, scorer, method, train_questions, validation_questions, settings.eval_batch_size, accelerator.device)
     return results
 
@@ -197,8 +199,13 @@ def _batches(scorer, questions: Sequence, batch_size: int, device: torch.device)
 
 
 def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, validation_questions: Sequence,
-                settings: TrainSettings, output: Path, accelerator: Accelerator, seed: int, resume: bool) -> FitResult:
-    """`fit` for one member (the whole model for single-adapter methods), data order seeded with `seed`."""
+                settings: TrainSettings, output: Path, accelerator: Accelerator, seed: int, resume: bool,
+                tracker_prefix: str) -> FitResult:
+    """`fit` for one member (the whole model for single-adapter methods), data order seeded with `seed`.
+
+    Each train_log.jsonl record also goes to the accelerator's tracker (if any), its keys prefixed with
+    `tracker_prefix`.
+    """
     s = settings
     check_batches(s, len(train_questions), accelerator.num_processes)
     per_step = accelerator.num_processes * s.grad_accum
@@ -271,7 +278,8 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
             epoch_end = state["step"] % steps_per_epoch == 0 or state["step"] == total_steps
             selecting = s.select_epoch == "best"
             if validation_questions and (epoch_end if selecting else state["step"] == total_steps):
-                validation = validate(unwrapped, scorer, method, validation_questions, s.samples, s.seed, s.eval_batch_size)
+                validation = validate(unwrapped, scorer, method, validation_questions, s.samples, s.seed, s.eval_batch_size,
+                                      progress=accelerator.is_main_process)
                 record["validation"] = validation
                 state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, **validation})
                 message = collapse_message(validation["mutual_information"], record) if "lambda_mean" in record else None
@@ -289,6 +297,7 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+            accelerator.log(scalars(record, tracker_prefix), step=record["step"])
             bar.update(1)
             last_mi = state["validation_history"][-1]["mutual_information"] if state["validation_history"] else None
             bar.set_postfix(nll=f"{sum(recent_nll) / len(recent_nll):.3f}", kl_per_example=f"{record['kl_per_example']:.3g}",

@@ -25,6 +25,7 @@ import yaml
 from bayeslora.errors import UsageError
 from bayeslora.models import DEFAULT_MODEL, DTYPES, check_loading
 from bayeslora.schedules import KL_WEIGHTINGS, LR_SCHEDULES
+from bayeslora.tracking import REPORT_TO, check_report_to
 
 
 def _setting(default: Any, help: str, **argparse_options: Any) -> Any:
@@ -34,10 +35,11 @@ def _setting(default: Any, help: str, **argparse_options: Any) -> Any:
     return field(default=default, metadata={"help": help, **argparse_options})
 
 
+#: settings that say where a run is, reports or checkpoints, not what it computes: a resumed run may differ in them
+NOT_IDENTITY = ("report_to", "output", "checkpoint_every", "checkpoint_minutes")
+
 #: questions held out of a --task-file for model selection unless validation_size says otherwise
 FILE_VALIDATION_SIZE = 200
-#: settings that do not change what a run computes: a resumed run may differ in them
-NOT_IDENTITY = ("output", "checkpoint_every", "checkpoint_minutes")
 #: how the base model is loaded: also flags of `evaluate` and `compare`
 LOADING_SETTINGS = ("dtype", "load_in_4bit", "load_in_8bit")
 
@@ -106,6 +108,8 @@ class TrainSettings:
                                          "checkpoint (0 = off)", type=float)
     truncate_left: bool = _setting(False, "shorten questions longer than the model's context from the left "
                                    "(default: refuse them)", action="store_true")
+    report_to: str = _setting("none", "also log train_log.jsonl's records to this tracker (accelerate's)",
+                              choices=list(REPORT_TO))
 
     @property
     def quantization(self) -> str | None:
@@ -120,7 +124,7 @@ class TrainSettings:
         """What defines the run: a directory holding a different one is not reused silently.
 
         Files and folders are named by their resolved paths (`runs/x`, `runs/x/` and `/abs/runs/x` are one
-        run). Left out: the output folder (where the run is, not what it is) and how often it checkpoints.
+        run). Left out: `NOT_IDENTITY` (where the run is, reports and how often it checkpoints).
         """
         identity = dataclasses.asdict(self)
         for name in NOT_IDENTITY:
@@ -257,6 +261,7 @@ def validate(settings: TrainSettings) -> None:
     from bayeslora.methods import METHODS, check_method_name  # the registry fills as method modules are imported
 
     check_method_name(s.method)
+    check_report_to(s.report_to)
     for setting in dataclasses.fields(TrainSettings):
         value = getattr(s, setting.name)
         if setting.metadata.get("type") is float and value is not None and not math.isfinite(value):

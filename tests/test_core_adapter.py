@@ -149,6 +149,11 @@ def test_llama2_7b_parameter_count_matches_the_paper():
         (dict(target_modules=["q_proj"], inducing_cols=-3), "inducing_cols"),
         (dict(target_modules=["q_proj"], max_lambda=0.0), "max_lambda"),
         (dict(target_modules=["q_proj"], prior_sd=-1.0), "prior_sd"),
+        (dict(target_modules=["q_proj"], prior_sd=0.0), "prior_sd"),
+        (dict(target_modules=["q_proj"], lambda_init=0.0), "lambda_init"),
+        (dict(target_modules=["q_proj"], sd_init=0.0), "sd_init"),
+        (dict(target_modules=["q_proj"], max_sd_u=0.0), "max_sd_u"),
+        (dict(target_modules=["q_proj"], sd_init=0.5, max_sd_u=0.1), "sd_init=0.5 exceeds max_sd_u=0.1"),
     ],
 )
 def test_bad_configs_are_refused_when_built(settings, message):

@@ -54,14 +54,18 @@ def test_kronecker_posterior_samples_have_the_inverse_precision_as_covariance():
     assert torch.allclose(samples.T @ samples / len(samples), covariance, atol=0.03 * float(covariance.diag().max()))
 
 
-def test_fit_tunes_the_prior_on_validation_and_draws_are_held_seeded_samples():
+def test_fit_tunes_the_prior_on_validation_and_draws_are_held_seeded_samples(capsys):
     method = get_method("laplace", prior_grid=(1e-2, 1.0, 1e2, 1e4), tune_samples=2)
     batches = toy_batches()
     model = fit(method, batches, steps=30)
     with pytest.raises(ValueError, match="training batches"):
         method.after_training(model, toy_batches(2, seed=3), choice_logits)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    capsys.readouterr()
     method.after_training(model, toy_batches(2, seed=3), choice_logits, train_batches=batches)
+    progress = capsys.readouterr().err  # both slow steps show a progress bar
+    assert "laplace curvature: 100%" in progress and f"{len(batches)}/{len(batches)}" in progress
+    assert "laplace prior search: 100%" in progress and "4/4" in progress
     assert method.prior_precision in (1e-2, 1.0, 1e2, 1e4)
     assert len(method.posteriors) == 8  # A and B of q_proj, v_proj in 2 layers
     nll = {tau: method._validation_nll(model, toy_batches(2, seed=3), choice_logits, tau) for tau in method.prior_grid}

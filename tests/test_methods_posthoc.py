@@ -36,7 +36,7 @@ def test_temperature_method_fits_on_validation_and_keeps_the_argmax():
     assert nll(adjusted) < nll(method.adjust_logits(logits) * 1.1) and nll(adjusted) < nll(adjusted / 1.1)
 
 
-def test_tfb_trains_as_map_then_finds_the_largest_sigma_within_the_nll_budget():
+def test_tfb_trains_as_map_then_finds_the_largest_sigma_within_the_nll_budget(capsys):
     method = get_method("tfb", budget=0.05, search_samples=2, search_steps=8)
     model = fit(method, toy_batches(), steps=30)
     assert all(not p.requires_grad and p.abs().sum() == 0 for l in gaussian_layers(model) for p in l.lora_A_sqrt_sd.values())
@@ -44,7 +44,9 @@ def test_tfb_trains_as_map_then_finds_the_largest_sigma_within_the_nll_budget():
     with torch.no_grad():
         before = choice_logits(model, batch)
     validation = toy_batches(3, seed=7)
+    capsys.readouterr()
     method.after_training(model, validation, choice_logits)
+    assert "tfb sigma search: 100%" in capsys.readouterr().err  # sigma_max, then 8 bisection steps
     with torch.no_grad():  # the SVD re-parameterisation leaves the mean adapter unchanged
         assert torch.allclose(choice_logits(model, batch), before, atol=1e-4)
     assert 0 < method.sigma < method.sigma_max

@@ -14,10 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from bayeslora.errors import UsageError
+from bayeslora.experiment import check_not_sharded
 from tests.test_train_loop import one_thread  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +90,14 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, on
     # the comparison can tell: the regulariser counted twice gives a clearly different adapter
     doubled = train_toy(tmp_path / "doubled", Accelerator(cpu=True), beta=2 * BETA)
     assert max((doubled[name] - first[name]).abs().max().item() for name in first) > 1e-3
+
+
+def test_sharded_launches_are_refused_before_anything_is_written():
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(UsageError, match=f"not under {sharded.value}"):
+            check_not_sharded(sharded)
+    for whole in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_not_sharded(whole)
 
 
 if __name__ == "__main__":

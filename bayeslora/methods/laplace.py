@@ -47,10 +47,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, ContextManager
 
 import torch
+from accelerate.utils import tqdm
 from torch import nn
 
 from bayeslora.methods.base import PREDICTIVE_SAMPLES, register_method
-from bayeslora.methods.map import MAP
+from bayeslora.methods.map import PostHocMAP
 
 
 @dataclass
@@ -133,7 +134,7 @@ def kfac_factors(
     handles = [module.register_forward_hook(forward_hook(name)) for name, module in modules.items()]
     params = [module.weight for module in modules.values()]
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="laplace curvature", unit="batch"):
             logits = choice_logits(model, batch).float()
             present = torch.isfinite(logits)
             logits = logits.masked_fill(~present, 0.0)  # padded choices: p = 0, so they carry no curvature
@@ -172,11 +173,9 @@ def held_sample(posteriors: list[KroneckerPosterior], prior_precision: float, se
 
 
 @register_method
-class Laplace(MAP):
+class Laplace(PostHocMAP):
     name: ClassVar[str] = "laplace"
-    post_hoc_of: ClassVar[str | None] = "map"
     default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
-    needs_run_folder: ClassVar[bool] = True
     last_block_only: ClassVar[bool] = False
 
     def __init__(
@@ -204,7 +203,8 @@ class Laplace(MAP):
         self.posteriors = [
             KroneckerPosterior.from_factors(name, modules[name].weight, a, g * data_scale) for name, (a, g) in factors.items()
         ]
-        self.prior_precision = min(self.prior_grid, key=lambda tau: self._validation_nll(model, validation_batches, choice_logits, tau))
+        grid = tqdm(self.prior_grid, desc="laplace prior search", unit="prior")
+        self.prior_precision = min(grid, key=lambda tau: self._validation_nll(model, validation_batches, choice_logits, tau))
 
     @torch.no_grad()
     def _validation_nll(self, model, batches, choice_logits, prior_precision: float) -> float:

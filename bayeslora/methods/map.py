@@ -24,3 +24,11 @@ class MAP(MLE):
     def __init__(self, weight_decay: float = 0.01, **options: Any) -> None:
         super().__init__(**options)
         self.weight_decay = weight_decay  # instance value shadows the class default read by the loop
+
+
+class PostHocMAP(MAP):
+    """Base of the methods that fit a trained MAP adapter after training (temperature, Laplace, TFB):
+    their training is MAP's, so `compare` reuses the map unit's adapter instead of training it again."""
+
+    post_hoc_of: ClassVar[str | None] = "map"
+    needs_run_folder: ClassVar[bool] = True

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bayeslora.methods.base import register_method
-from bayeslora.methods.map import MAP
+from bayeslora.methods.map import PostHocMAP
 
 
 def scale_logits(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
@@ -54,10 +54,8 @@ def collect_logits(
 
 
 @register_method
-class Temperature(MAP):
+class Temperature(PostHocMAP):
     name: ClassVar[str] = "temperature"
-    post_hoc_of: ClassVar[str | None] = "map"
-    needs_run_folder: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

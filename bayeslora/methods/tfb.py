@@ -30,11 +30,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, ContextManager
 
 import torch
+from accelerate.utils import tqdm
 from torch import nn
 
 from bayeslora.methods.base import PREDICTIVE_SAMPLES, register_method
 from bayeslora.methods.blob import gaussian_layers, gaussian_lora, held_draw
-from bayeslora.methods.map import MAP
+from bayeslora.methods.map import PostHocMAP
 
 
 @torch.no_grad()
@@ -62,11 +63,9 @@ def set_sigma(scales: list[tuple[nn.Parameter, torch.Tensor]], sigma: float) -> 
 
 
 @register_method
-class TFB(MAP):
+class TFB(PostHocMAP):
     name: ClassVar[str] = "tfb"
-    post_hoc_of: ClassVar[str | None] = "map"
     default_samples: ClassVar[int] = PREDICTIVE_SAMPLES
-    needs_run_folder: ClassVar[bool] = True
 
     def __init__(
         self, budget: float = 0.01, sigma_max: float = 0.2, search_steps: int = 10, search_samples: int = 4, **options: Any
@@ -93,9 +92,13 @@ class TFB(MAP):
         pseudo_labels = [probs.argmax(-1) for probs in deterministic]
         nll_0 = pseudo_label_nll(deterministic, pseudo_labels)
 
+        # at most 1 + search_steps trials: sigma_max, then the bisection if sigma_max is over budget
+        bar = tqdm(total=1 + self.search_steps, desc="tfb sigma search", unit="trial")
+
         def within_budget(sigma: float) -> bool:
             set_sigma(scales, sigma)
             draws = [self._batch_probs(model, batch, choice_logits) for batch in validation_batches]
+            bar.update()
             return abs(pseudo_label_nll(draws, pseudo_labels) - nll_0) <= self.budget * nll_0
 
         low, high = 0.0, self.sigma_max
@@ -105,6 +108,7 @@ class TFB(MAP):
             for _ in range(self.search_steps):
                 middle = (low + high) / 2
                 low, high = (middle, high) if within_budget(middle) else (low, middle)
+        bar.close()
         self.sigma = low
         set_sigma(scales, self.sigma)
 
