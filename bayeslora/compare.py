@@ -1,17 +1,15 @@
 """`bayeslora compare`: every (task, method, seed) as one `train` run, then the comparison tables (`report`).
 
-    bayeslora compare --model smollm2-135m --tasks arc_easy,openbookqa --methods mle,map,bayeslora \\
-        --seeds 1,2,3 --output runs/compare
+    bayeslora compare --tasks arc_easy --methods mle,map,bayeslora --seeds 1,2,3 --output runs/compare
     bayeslora compare --preset smoke --output /tmp/smoke        # all methods, tiny fixture, ~1-2 minutes
-
 A *unit* (training task, method, seed) is the run `bayeslora train` does with the grid's training
 settings (`experiment.run_experiment`): flags, `--train-config` and preset are `train`'s settings,
 checked alike. The `--ood-from` task's units are also evaluated on each `--ood-tasks` test set. A
 post-hoc method (temperature, laplace, laplace_last, tfb) whose base method (map) is in the grid
 fits the base unit's adapter of the same task and seed instead of training one. Each unit runs in
 its own process and writes DIR/runs/<task>/<method>/seed-<seed>/: a `train` run directory, plus
-eval/<ood task>/ and, last, cost.json (the unit is finished). A rerun skips finished units and
-resumes interrupted ones; a rerun with different settings in the same DIR is refused.
+eval/<ood task>/ and, last, cost.json. A rerun skips finished units and resumes the others; one with
+different settings in the same DIR is refused.
 """
 
 from __future__ import annotations
@@ -19,18 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bayeslora.errors import UsageError
 from bayeslora.files import write_atomically
-from bayeslora.output_dir import check_not_in_use, holds_files, output_lock, remove_stale_temporaries
+from bayeslora.output_dir import check_not_in_use, end_with_parent, holds_files, output_lock, remove_stale_temporaries
 from bayeslora.presets import PRESETS
 from bayeslora.saved_files import read_json_object
+from bayeslora.tasks import check_tasks
 from bayeslora.train_settings import LOADING_SETTINGS, NOT_IDENTITY, TrainSettings, add_setting_flags, given_settings, make_settings, read_config, read_yaml_mapping
 
 #: the training settings compare takes as flags (every other one through --train-config)
@@ -39,8 +35,7 @@ SETTING_FLAGS = (*LOADING_SETTINGS, "scoring", "samples", "epochs", "max_steps",
 #: compare's own defaults (SmolLM2-135M is at chance with letter scoring; the base model is no unit)
 DEFAULTS = {"scoring": "cloze", "zero_shot": False}
 #: settings each unit sets itself
-OWNED = {"model": None, "task": None, "task_file": None, "eval_file": None, "method": None, "method_options": None,
-         "output": None, "seed": None, "adapter_from": None}
+OWNED = dict.fromkeys(("model", "task", "task_file", "eval_file", "method", "method_options", "output", "seed", "adapter_from"))
 
 
 @dataclass
@@ -107,16 +102,6 @@ def _names(text: str | None, what: str, kind: type = str) -> list | None:
         raise UsageError(f"--{what} must be comma-separated integers, got {text!r}") from None
 
 
-def _check_tasks(names: list[str], flag: str, role: str) -> None:
-    from bayeslora.tasks import TASKS
-
-    for name in names:
-        if name not in TASKS:
-            raise UsageError(f"unknown task {name!r} in {flag}; valid tasks: {', '.join(TASKS)}")
-        if role not in TASKS[name].roles:
-            raise UsageError(f"task {name!r} in {flag} has no {role!r} split (its splits: {', '.join(TASKS[name].roles)})")
-
-
 def resolve_grid(args: argparse.Namespace) -> Grid:
     """The grid the flags and the preset describe, checked; nothing is written."""
     from bayeslora.methods import METHODS, check_method_name
@@ -135,11 +120,10 @@ def resolve_grid(args: argparse.Namespace) -> Grid:
         raise UsageError("--ood-from and --ood-tasks go together: give both or neither")
     for name in methods:
         check_method_name(name, " in --methods")
-    _check_tasks(tasks, "--tasks", "train")
-    _check_tasks(tasks, "--tasks", "test")
+    check_tasks(tasks, ("train", "test"), " in --tasks")
     if ood_from:
-        _check_tasks([ood_from], "--ood-from", "train")
-        _check_tasks(ood_tasks, "--ood-tasks", "test")
+        check_tasks([ood_from], ("train",), " in --ood-from")
+        check_tasks(ood_tasks, ("test",), " in --ood-tasks")
 
     train = {**DEFAULTS, **preset.get("train", {})}
     if args.train_config:
@@ -167,15 +151,14 @@ def unit_finished(grid: Grid, task: str, method: str, seed: int) -> bool:
 
 
 def run_unit(grid: Grid, task: str, method: str, seed: int) -> None:
-    """In the unit's own process: train (or resume) it as a `train` run, evaluate it, then write cost.json.
-    An error is recorded in error.txt for the parent's one-line report, then re-raised (exit code != 0)."""
+    """In its own process: the unit's `train` run (or its resumption), then cost.json; an error goes to error.txt."""
     import torch
 
     from bayeslora.checkpoint import has_checkpoint
     from bayeslora.experiment import run_experiment
     from bayeslora.report import write_cost
 
-    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    end_with_parent()  # no unit keeps writing unsupervised once compare is gone (SIGKILL included)
     directory = grid.unit_dir(task, method, seed)
     (directory / "error.txt").unlink(missing_ok=True)
     try:
@@ -191,18 +174,9 @@ def run_unit(grid: Grid, task: str, method: str, seed: int) -> None:
         raise
 
 
-def _stop_when_orphaned(parent: int) -> None:
-    """End the unit's process as soon as compare's process is gone, however it ended (SIGKILL included), so
-    that no unit keeps writing unsupervised; its files are written atomically, its run resumes on a rerun."""
-    while os.getppid() == parent:
-        time.sleep(0.2)
-    os._exit(1)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="smoke: all methods on the committed tiny fixture; "
-                        "calibration: SmolLM2-135M over-fitting 200 ARC-Easy questions; paper: the paper's six "
-                        "tasks and OoD protocol (flags given override the preset)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="named grids (bayeslora.presets: smoke, calibration, "
+                        "paper); flags given override the preset")
     parser.add_argument("--model", help="Hub id, local folder or embedded model name (default smollm2-135m)")
     parser.add_argument("--tasks", help="comma-separated registry task names")
     parser.add_argument("--methods", help="comma-separated method names (bayeslora.methods)")
@@ -221,7 +195,8 @@ def check_output(grid: Grid) -> None:
         raise UsageError(f"--output {grid.output} exists and is not a directory")
     grid_file = grid.output / "grid.json"
     if grid_file.is_file():
-        previous = read_json_object(grid_file).get("identity", {})
+        previous = {key: value for key, value in read_json_object(grid_file).get("identity", {}).items()
+                    if key not in NOT_IDENTITY}  # written before these settings left the identity
         current = json.loads(json.dumps(grid.identity()))
         for key in sorted(set(previous) | set(current)):
             if previous.get(key) != current.get(key):

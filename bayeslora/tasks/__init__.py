@@ -18,7 +18,8 @@ from bayeslora.tasks.registry import EVALUATION_ROLE, ROLES, SUBSET_SEED, TASKS,
 
 SOURCES = {"offline": load_offline, "hub": load_hub}
 
-__all__ = ["EVALUATION_ROLE", "Question", "ROLES", "TASKS", "TaskSpec", "load_task", "load_task_file", "task_spec"]
+__all__ = ["EVALUATION_ROLE", "Question", "ROLES", "TASKS", "TaskSpec", "check_tasks", "load_task", "load_task_file",
+           "task_spec"]
 
 
 def task_spec(name: str) -> TaskSpec:
@@ -26,6 +27,16 @@ def task_spec(name: str) -> TaskSpec:
     if name not in TASKS:
         raise UsageError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def check_tasks(names: list[str], roles: tuple[str, ...], where: str = "") -> None:
+    """Every task in `names` is registered and has each of `roles`; a `UsageError` names the first that is not."""
+    for name in names:
+        if name not in TASKS:
+            raise UsageError(f"unknown task {name!r}{where}; valid tasks: {', '.join(TASKS)}")
+        for role in roles:
+            if role not in TASKS[name].roles:
+                raise UsageError(f"task {name!r}{where} has no {role!r} split (its splits: {', '.join(TASKS[name].roles)})")
 
 
 def _select(questions: list[Question], source: SplitSource) -> list[Question]:
