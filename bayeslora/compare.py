@@ -32,8 +32,7 @@ from bayeslora.train_settings import LOADING_SETTINGS, NOT_IDENTITY, TrainSettin
 #: the training settings compare takes as flags (every other one through --train-config)
 SETTING_FLAGS = (*LOADING_SETTINGS, "scoring", "samples", "epochs", "max_steps", "batch_size", "lr", "limit_train",
                  "limit_validation", "limit_eval", "eval_batch_size", "report_to")
-#: compare's own defaults (SmolLM2-135M is at chance with letter scoring; the base model is no unit)
-DEFAULTS = {"scoring": "cloze", "zero_shot": False}
+DEFAULTS = {"scoring": "cloze", "zero_shot": False}  # SmolLM2-135M is at chance with letters; the base is no unit
 #: settings each unit sets itself
 OWNED = dict.fromkeys(("model", "task", "task_file", "eval_file", "method", "method_options", "output", "seed", "adapter_from"))
 
