@@ -38,8 +38,8 @@ CONSTANTS = {"default": bayeslora.BayesLoraConfig, "paper": bayeslora.BayesLoraC
 
 
 #: without `bayesian_modules`, only this target is Bayesian when it is a target and the others keep plain
-#: LoRA factors, as in the released code (q_proj Bayesian, v_proj plain): with every target Bayesian the
-#: model did not fit in the calibration benchmark (docs/method.md, "Defaults")
+#: LoRA factors, as in the released code (q_proj Bayesian, v_proj plain); every target Bayesian is the
+#: ablation row `bayeslora_all_bayesian` (docs/method.md, "Defaults")
 DEFAULT_BAYESIAN_TARGET = "q_proj"
 
 
