@@ -282,7 +282,8 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
                                       progress=accelerator.is_main_process)
                 record["validation"] = validation
                 state["validation_history"].append({"step": state["step"], "epoch": epoch + 1, **validation})
-                message = collapse_message(validation["mutual_information"], record) if "lambda_mean" in record else None
+                judged = "lambda_mean" in record and s.samples != 1  # one draw has no disagreement to judge
+                message = collapse_message(validation["mutual_information"], record) if judged else None
                 if message and not state.get("collapse_reported") and accelerator.is_main_process:
                     tqdm.write(f"bayeslora: warning: {message}", file=sys.stderr)
                     state["collapse_reported"] = True

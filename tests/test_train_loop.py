@@ -279,3 +279,13 @@ def test_bayeslora_scales_move_at_their_own_learning_rate(tmp_path):
     moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in factor.named_parameters()}
     assert moved["lambda_raw"] == pytest.approx(0.1, rel=0.05) and moved["u_sd_raw"] == pytest.approx(0.1, rel=0.05)
     assert moved["u_mean"] == pytest.approx(0.01, rel=0.05)
+
+
+def test_a_collapsed_posterior_warns_once_with_its_scales(tmp_path, capsys):
+    """At the published constants the draws do not disagree: one warning line, however many validations."""
+    method = get_method("bayeslora", constants="paper", inducing_rows=3, inducing_cols=3)
+    train, validation = split_validation(fixture_questions(24), 8, seed=0, limit=None)
+    fit(tiny_model(method), tiny_scorer("letter"), method, train, validation, settings(tmp_path, epochs=3),
+        tmp_path, Accelerator(cpu=True))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "posterior has collapsed" in line]
+    assert len(warnings) == 1 and "lambda mean 0.001" in warnings[0]
