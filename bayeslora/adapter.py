@@ -246,17 +246,14 @@ def load_adapter(
     return peft_model
 
 
-def load_bayeslora_model(
-    model: nn.Module,
-    name_or_path: str | os.PathLike,
-    adapter_name: str = "default",
-    is_trainable: bool = False,
-    **hub_options: Any,
-) -> PeftModel:
-    """Restore a Bayesian-LoRA adapter saved with `save_pretrained` onto a fresh base model (verified, `load_adapter`)."""
+def load_bayeslora_model(model: nn.Module, name_or_path: str | os.PathLike, **options: Any) -> PeftModel:
+    """Restore a Bayesian-LoRA adapter saved with `save_pretrained` onto a fresh base model (verified).
+
+    `options` are `load_adapter`'s: `adapter_name`, `is_trainable` and the Hub options."""
+    hub_options = {key: value for key, value in options.items() if key not in ("adapter_name", "is_trainable")}
     if not isinstance(load_adapter_config(name_or_path, **hub_options), BayesLoraConfig):
         raise CorruptFileError(f"adapter {str(name_or_path)!r} is not a Bayesian-LoRA adapter (no bayesian_modules setting)")
-    return load_adapter(model, name_or_path, adapter_name, is_trainable, **hub_options)
+    return load_adapter(model, name_or_path, **options)
 
 
 def export_mean_lora(model: PeftModel, directory: str | os.PathLike, adapter_name: str = "default") -> None:

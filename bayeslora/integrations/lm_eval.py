@@ -45,17 +45,8 @@ from bayeslora.scoring import left_pad, positions
 
 @register_model("bayeslora")
 class BayesLoraLM(LM):
-    def __init__(
-        self,
-        pretrained: str,
-        adapter: str,
-        samples: int = 4,
-        seed: int = 0,
-        batch_size: int | str = 8,
-        device: str | None = None,
-        dtype: str = "fp32",
-        trust_remote_code: bool = False,
-    ) -> None:
+    def __init__(self, pretrained: str, adapter: str, samples: int = 4, seed: int = 0, batch_size: int | str = 8,
+                 device: str | None = None, dtype: str = "fp32", trust_remote_code: bool = False) -> None:
         super().__init__()
         if not isinstance(samples, int) or samples < 1:
             raise UsageError(f"samples must be a positive integer, got {samples!r}")
