@@ -3,6 +3,7 @@
     python scripts/calibration_ablation.py                      # every row not finished yet, then the table
     python scripts/calibration_ablation.py --rows lora,bayeslora,bayeslora_paper
     python scripts/calibration_ablation.py --table-only
+    python scripts/calibration_ablation.py --probe --rows lora,bayeslora,bayeslora_lm_head
 
 Each row is one `bayeslora train` run with the preset's training settings (SmolLM2-135M, ARC-Easy cloze,
 200 training questions x 10 epochs, lr 1e-3, the last epoch kept, 500 test questions) plus the row's
@@ -11,6 +12,10 @@ committed); the rows `lora` and `bayeslora` are the seed-1 units of the preset's
 `bayeslora compare` rather than twice. A finished row (results.json) is skipped and an interrupted one resumes from its
 checkpoint, so the script can be rerun across sessions. The table (ablation.md next to the runs) has
 ACC, ECE, NLL, the mean mutual information (also over wrong and right answers) and training seconds.
+
+`--probe` runs the same rows at a third of the cost, for trying variants before a full run: 96 training
+questions x 8 epochs, 50 validation and 150 test questions, every row (`lora` and `bayeslora` included)
+a `train` run under docs/results/calibration-smollm2/ablation-probe/.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from bayeslora.files import write_atomically
 from bayeslora.presets import PRESETS
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "calibration-smollm2"
-ROOT, GRID = RESULTS / "ablation", RESULTS / "grid"
+GRID = RESULTS / "grid"
 PRESET = PRESETS["calibration"]
+#: the probe size (`--probe`); short runs write no intermediate checkpoint
+PROBE = {"limit_train": 96, "epochs": 8, "limit_validation": 50, "limit_eval": 150, "checkpoint_every": 1000}
 RELEASED_AIDS = {"label_smoothing": {"label_smoothing": 0.05}, "entropy_bonus": {"entropy_bonus": 0.05}}
 
 #: row -> (what it is, method, method options, training settings changed from the preset's)
@@ -56,6 +63,16 @@ ROWS: dict[str, tuple[str, str, dict, dict]] = {
     "bayeslora_scale_lr_1": ("Bayesian-LoRA, scales at the base learning rate", "bayeslora", {"scale_lr": 1.0}, {}),
     "bayeslora_posterior_wd": ("Bayesian-LoRA, weight decay 0.01 on the posterior too", "bayeslora",
                                {"posterior_weight_decay": 0.01}, {}),
+    # variants tried while looking for a posterior that carries the fit (docs/results/calibration-smollm2.md)
+    "bayeslora_lm_head": ("Bayesian-LoRA, lm_head a Bayesian target too (the released targets)", "bayeslora",
+                          {"bayesian_modules": ["q_proj", "lm_head"]}, {"target_modules": ["q_proj", "v_proj", "lm_head"]}),
+    "bayeslora_lambda_0.6": ("Bayesian-LoRA, lambda 0.6", "bayeslora", {"lambda_init": 0.6, "max_lambda": 0.6}, {}),
+    "bayeslora_mean_lr_30": ("Bayesian-LoRA, inducing means at 30 x lr", "bayeslora", {"mean_lr": 30.0}, {}),
+    "bayeslora_all_bayesian_prior_sd_0.3": ("Bayesian-LoRA, v_proj Bayesian too, prior_sd 0.3", "bayeslora",
+                                            {"bayesian_modules": ["q_proj", "v_proj"], "prior_sd": 0.3}, {}),
+    "bayeslora_all_bayesian_lambda_0.1": ("Bayesian-LoRA, v_proj Bayesian too, lambda 0.1", "bayeslora",
+                                          {"bayesian_modules": ["q_proj", "v_proj"], "lambda_init": 0.1,
+                                           "max_lambda": 0.1}, {}),
     "bayeslora_paper": ("Bayesian-LoRA, published constants, q_proj Bayesian and v_proj plain (as released)",
                         "bayeslora", {"constants": "paper", "bayesian_modules": ["q_proj"], "posterior_weight_decay": 0.01},
                         {}),
@@ -64,24 +81,28 @@ ROWS: dict[str, tuple[str, str, dict, dict]] = {
 GRID_UNITS = {"lora": "mle", "bayeslora": "bayeslora"}
 
 
-def row_dir(row: str) -> Path:
-    if row in GRID_UNITS:
+def root(probe: bool) -> Path:
+    return RESULTS / ("ablation-probe" if probe else "ablation")
+
+
+def row_dir(row: str, probe: bool) -> Path:
+    if row in GRID_UNITS and not probe:
         return GRID / "runs" / PRESET["tasks"][0] / GRID_UNITS[row] / f"seed-{PRESET['seeds'][0]}"
-    return ROOT / row
+    return root(probe) / row
 
 
-def settings(row: str) -> dict:
+def settings(row: str, probe: bool) -> dict:
     _, method, options, changes = ROWS[row]
-    return {**PRESET["train"], "model": PRESET["model"], "task": PRESET["tasks"][0], "method": method,
-            "method_options": options, "seed": PRESET["seeds"][0], "zero_shot": False, **changes}
+    return {**PRESET["train"], **(PROBE if probe else {}), "model": PRESET["model"], "task": PRESET["tasks"][0],
+            "method": method, "method_options": options, "seed": PRESET["seeds"][0], "zero_shot": False, **changes}
 
 
-def run_row(row: str) -> None:
-    output = row_dir(row)
+def run_row(row: str, probe: bool) -> None:
+    output = row_dir(row, probe)
     if (output / "results.json").is_file():
         print(f"{row}: finished earlier, reused", flush=True)
         return
-    if row in GRID_UNITS:
+    if row in GRID_UNITS and not probe:
         command = [sys.executable, "-m", "bayeslora", "compare", "--preset", "calibration", "--methods",
                    GRID_UNITS[row], "--seeds", str(PRESET["seeds"][0]), "--output", str(GRID)]
         print(f"{row}: {' '.join(command[1:])}", flush=True)
@@ -89,15 +110,15 @@ def run_row(row: str) -> None:
         return
     resume = any(output.glob("**/checkpoints/latest"))
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config:
-        yaml.safe_dump(settings(row), config)
+        yaml.safe_dump(settings(row, probe), config)
         command = [sys.executable, "-m", "bayeslora", "train", "--config", config.name, "--output", str(output),
                    "--resume" if resume else "--overwrite"]
         print(f"{row}: {' '.join(command[1:])}", flush=True)
         subprocess.run(command, check=True)
 
 
-def row_summary(row: str) -> dict | None:
-    output = row_dir(row)
+def row_summary(row: str, probe: bool) -> dict | None:
+    output = row_dir(row, probe)
     if not (output / "results.json").is_file():
         return None
     results = json.loads((output / "results.json").read_text())
@@ -108,8 +129,8 @@ def row_summary(row: str) -> dict | None:
         "train_seconds": training.get("train_seconds")}
 
 
-def write_table(rows: list[str]) -> Path:
-    summaries = [summary for row in rows if (summary := row_summary(row)) is not None]
+def write_table(rows: list[str], probe: bool) -> Path:
+    summaries = [summary for row in rows if (summary := row_summary(row, probe)) is not None]
 
     def number(value, fmt: str) -> str:
         return "–" if value is None else format(value, fmt)
@@ -121,10 +142,10 @@ def write_table(rows: list[str]) -> Path:
                      f"{number(s['ece_percent'], '.1f')} | {number(s['nll'], '.3f')} | "
                      f"{number(s['mutual_information'], '.2g')} | {number(s['mutual_information_wrong'], '.2g')} / "
                      f"{number(s['mutual_information_right'], '.2g')} | {number(s['train_seconds'], '.0f')} |")
-    target = ROOT / "ablation.md"
-    ROOT.mkdir(parents=True, exist_ok=True)
+    target = root(probe) / "ablation.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(target, "\n".join(lines) + "\n")
-    write_atomically(ROOT / "ablation.json", json.dumps(summaries, indent=1) + "\n")
+    write_atomically(target.parent / "ablation.json", json.dumps(summaries, indent=1) + "\n")
     return target
 
 
@@ -132,6 +153,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", help=f"comma-separated rows (default: all): {', '.join(ROWS)}")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from finished rows")
+    parser.add_argument("--probe", action="store_true", help="the rows at probe size (96 x 8 epochs, 150 test questions)")
     args = parser.parse_args()
     rows = args.rows.split(",") if args.rows else list(ROWS)
     unknown = [row for row in rows if row not in ROWS]
@@ -139,8 +161,8 @@ def main() -> int:
         parser.error(f"unknown rows {', '.join(unknown)}; valid rows: {', '.join(ROWS)}")
     if not args.table_only:
         for row in rows:
-            run_row(row)
-    print(f"wrote {write_table(list(ROWS))}")
+            run_row(row, args.probe)
+    print(f"wrote {write_table(list(ROWS), args.probe)}")
     return 0
 
 

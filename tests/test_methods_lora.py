@@ -110,3 +110,16 @@ def test_bayeslora_keeps_a_plain_lora_path_next_to_a_bayesian_q_proj_by_default(
     assert bayesian_targets(method.prepare(make_tiny_llama(0), only_v)) == ["v_proj"]
     both = get_method("bayeslora", bayesian_modules=["q_proj", "v_proj"])
     assert bayesian_targets(both.prepare(make_tiny_llama(0), dict(LORA))) == ["q_proj", "v_proj"]
+
+
+def test_bayeslora_learning_rate_multipliers_reach_their_parameters():
+    """lambda and the q0 sds move at `scale_lr` x lr, the whitened inducing means at `mean_lr` x lr, the rest at lr."""
+    method = get_method("bayeslora", scale_lr=10.0, mean_lr=3.0)
+    model = method.prepare(make_tiny_llama(0), dict(LORA))
+    names = {id(p): n for n, p in model.named_parameters()}
+    scaled = {names[id(p)]: group.get("lr_scale", 1.0) for group in method.parameter_groups(model) for p in group["params"]}
+    assert scaled and set(scaled) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, lr_scale in scaled.items():
+        leaf = name.rsplit(".", 1)[-1]
+        expected = 10.0 if leaf in ("u_sd_raw", "lambda_raw") else 3.0 if leaf == "u_mean" else 1.0
+        assert lr_scale == expected, name

@@ -9,7 +9,8 @@ where this method returns KL / N_train and the training loop applies its
 beta schedule. AdamW's weight decay (0.01, the released settings use
 0.01-0.03) applies to the plain LoRA factors only: on the variational
 parameters it would change the objective away from the ELBO, so they get
-`posterior_weight_decay` (0 unless asked).
+`posterior_weight_decay` (0 unless asked). lambda and the q0 sds learn at
+`scale_lr` x the loop's rate, the whitened inducing means at `mean_lr` x.
 Each predictive sample is one seeded posterior draw held for every forward
 inside it (`bayeslora.sampling(model, "sample", seed=seed + s, hold=True)`),
 N = 4 by default (the paper's N). Options are passed to `BayesLoraConfig`
@@ -50,21 +51,25 @@ class BayesLora(Method):
     weight_decay: ClassVar[float] = 0.01
 
     def __init__(self, constants: str = "default", posterior_weight_decay: float = 0.0, scale_lr: float = 10.0,
-                 dropout_at_evaluation: bool = False, **options: Any) -> None:
+                 mean_lr: float = 1.0, dropout_at_evaluation: bool = False, **options: Any) -> None:
         if constants not in CONSTANTS:
             raise UsageError(f"bayeslora constants must be one of {', '.join(CONSTANTS)}, got {constants!r}")
         super().__init__(**options)
         self.constants, self.posterior_weight_decay, self.scale_lr = constants, posterior_weight_decay, scale_lr
+        self.mean_lr = mean_lr
         self.dropout_at_evaluation = dropout_at_evaluation
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         factors = list(bayeslora.adapter.bayesian_factors(model))
         scales = {id(p) for factor in factors for p in (factor.u_sd_raw, factor.lambda_raw)}
-        posterior = {id(p) for factor in factors for p in factor.parameters()} - scales
+        means = {id(factor.u_mean) for factor in factors}
+        posterior = {id(p) for factor in factors for p in factor.parameters()} - scales - means
         trainable = [p for p in model.parameters() if p.requires_grad]
         return [
-            {"params": [p for p in trainable if id(p) not in posterior | scales], "weight_decay": self.weight_decay},
+            {"params": [p for p in trainable if id(p) not in posterior | scales | means], "weight_decay": self.weight_decay},
             {"params": [p for p in trainable if id(p) in posterior], "weight_decay": self.posterior_weight_decay},
+            {"params": [p for p in trainable if id(p) in means], "weight_decay": self.posterior_weight_decay,
+             "lr_scale": self.mean_lr},
             # lambda and the q0 sds: Adam moves a parameter by about lr per step, and these start far from
             # where the ELBO puts them; lr_scale multiplies the loop's learning rate for this group
             {"params": [p for p in trainable if id(p) in scales], "weight_decay": self.posterior_weight_decay,
