@@ -1,9 +1,15 @@
-"""`accelerate launch` with two CPU processes (gloo): global-batch semantics of the loop.
+"""`accelerate launch` with two CPU processes (gloo): global-batch semantics of the loop, resume, FSDP2's premise.
 
-The test launches this file as the worker. Both processes must end with the
-same adapter, and that adapter must be the one a single process computes on
-the same global batches: the mean NLL over the global batch plus the
-regulariser counted once per step, not once per process.
+The tests launch this file once as the worker (a module fixture) and check what it wrote:
+- both processes end with the same adapter, the one a single process computes on the same global
+  batches: the mean NLL over the global batch plus the regulariser counted once per step;
+- a two-process run interrupted after a checkpoint and resumed from accelerate's saved state
+  (optimizer, every process's random-number generators) ends with the uninterrupted run's adapter;
+- torch's FSDP2 (`fully_shard`, what accelerate's FSDP2 applies) shards the base model over the two CPU
+  processes while the adapter it is told to ignore (`sharding.adapter_modules`) stays whole, and with
+  `sharding.average_gradients` training gives the single-process adapter. accelerate itself sets up FSDP
+  on accelerator devices only (`check_launch` refuses the launch on CPU), so the loop's own FSDP path
+  is not run here.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from bayeslora.errors import UsageError
-from bayeslora.experiment import check_not_sharded
+from bayeslora.sharding import adapter_modules, check_launch
 from tests.test_train_loop import one_thread  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,11 +66,85 @@ def train_bayeslora(output: Path, accelerator: Accelerator) -> dict[str, torch.T
     return trainable_state(model)
 
 
+def bayeslora_resumed(output: Path, accelerator: Accelerator) -> tuple[dict, dict]:
+    """(uninterrupted, interrupted after its step-4 checkpoint and resumed) adapters of one two-process run."""
+    from accelerate.utils import set_seed
+
+    from bayeslora.checkpoint import trainable_state
+    from bayeslora.experiment import split_validation
+    from bayeslora.methods import get_method
+    from bayeslora.train import fit
+    from tests.test_train_loop import Interrupt, InterruptingScorer, fixture_questions, settings, tiny_model, tiny_scorer
+
+    method = get_method("bayeslora", inducing_rows=3, inducing_cols=3)
+    train, validation = split_validation(fixture_questions(32), 8, seed=0, limit=None)
+    # 3 steps per epoch, 2 micro-batches per process per step; a linear schedule makes the scheduler state matter
+    s = dict(batch_size=8, grad_accum=2, epochs=2, checkpoint_every=2, lr_schedule="linear", warmup_steps=1)
+    adapters = []
+    for name, interrupt_after in (("straight", None), ("resumed", 8)):
+        set_seed(0, device_specific=True)
+        model = tiny_model(method)
+        if interrupt_after is not None:  # inside step 5 of 6: training forwards 9 and 10 of each process
+            try:
+                fit(model, InterruptingScorer(interrupt_after), method, train, validation,
+                    settings(output / name, **s), output / name, accelerator)
+            except Interrupt:
+                pass
+            set_seed(1234, device_specific=True)  # the resumed run starts from other random states
+            model = tiny_model(method)
+        fit(model, tiny_scorer(), method, train, validation, settings(output / name, **s), output / name, accelerator,
+            resume=interrupt_after is not None)
+        adapters.append(trainable_state(model))
+    return adapters[0], adapters[1]
+
+
+def fsdp2_adapter(method_name: str, accelerator: Accelerator | None) -> dict[str, torch.Tensor]:
+    """Two steps of NLL + regulariser on 8 questions; with `accelerator` (two processes) the base model is sharded
+    by `fully_shard`, the adapter left whole, and each process scores its half of the questions."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    import bayeslora
+    from bayeslora.checkpoint import trainable_state
+    from bayeslora.methods import get_method
+    from bayeslora.sharding import average_gradients
+    from tests.test_train_loop import ToyLoRA, fixture_questions, tiny_model, tiny_scorer
+
+    method = ToyLoRA() if method_name == "toy" else get_method(method_name, inducing_rows=3, inducing_cols=3)
+    model, scorer, questions = tiny_model(method), tiny_scorer(), fixture_questions(8)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if accelerator is not None:
+        ignored = {p for module in adapter_modules(model) for p in module.parameters()}
+        for layer in model.get_base_model().model.layers:
+            fully_shard(layer, ignored_params=ignored)
+        fully_shard(model, ignored_params=ignored)
+        # the frozen base model is sharded (DTensors), the adapter is not
+        assert all(isinstance(p, DTensor) != p.requires_grad for p in model.parameters())
+        questions = questions[accelerator.process_index * 4 : (accelerator.process_index + 1) * 4]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-2)
+    for _ in range(2):
+        batch = scorer.collate(questions)
+        with bayeslora.sampling(model, "sample", hold=True):
+            logits = scorer.choice_logits(model, batch)
+        loss = torch.nn.functional.cross_entropy(logits, batch["answers"]) + method.regulariser(model, 100)
+        loss.backward()
+        if accelerator is not None:
+            average_gradients(parameters, accelerator)
+        optimizer.step()
+        optimizer.zero_grad()
+    return trainable_state(model)
+
+
 def worker(output: Path) -> None:
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
     save_file(train_toy(output / "toy", accelerator), output / f"toy-{rank}.safetensors")
     save_file(train_bayeslora(output / "bayeslora", accelerator), output / f"bayeslora-{rank}.safetensors")
+    straight, resumed = bayeslora_resumed(output, accelerator)
+    save_file(straight, output / f"straight-{rank}.safetensors")
+    save_file(resumed, output / f"resumed-{rank}.safetensors")
+    for name in ("toy", "bayeslora"):
+        save_file(fsdp2_adapter(name, accelerator), output / f"fsdp2-{name}-{rank}.safetensors")
 
 
 def free_port() -> int:
@@ -73,18 +153,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, one_thread):
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Path:
+    """The folder the two worker processes wrote into."""
+    folder = tmp_path_factory.mktemp("launched")
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), __file__, str(tmp_path)]
+               "--main_process_port", str(free_port()), __file__, str(folder)]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    first, second = (load_file(tmp_path / f"toy-{rank}.safetensors") for rank in (0, 1))
-    assert all(torch.equal(first[name], second[name]) for name in first)
-    bayes_first, bayes_second = (load_file(tmp_path / f"bayeslora-{rank}.safetensors") for rank in (0, 1))
-    assert all(torch.equal(bayes_first[name], bayes_second[name]) for name in bayes_first)
+    return folder
 
+
+def both(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What process 0 and process 1 saved as `name`; asserts they are equal."""
+    first, second = (load_file(folder / f"{name}-{rank}.safetensors") for rank in (0, 1))
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+    return first, second
+
+
+def test_two_processes_match_one_process_on_the_same_global_batches(launched, tmp_path, one_thread):
+    first, _ = both(launched, "toy")
+    both(launched, "bayeslora")
     single = train_toy(tmp_path / "single", Accelerator(cpu=True))
     assert all(torch.allclose(first[name], single[name], atol=1e-5) for name in first)
     # the comparison can tell: the regulariser counted twice gives a clearly different adapter
@@ -92,12 +183,48 @@ def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path, on
     assert max((doubled[name] - first[name]).abs().max().item() for name in first) > 1e-3
 
 
-def test_sharded_launches_are_refused_before_anything_is_written():
-    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(UsageError, match=f"not under {sharded.value}"):
-            check_not_sharded(sharded)
+def test_two_processes_resume_from_accelerate_state_to_the_uninterrupted_adapter(launched):
+    straight, _ = both(launched, "straight")
+    resumed, _ = both(launched, "resumed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    # the checkpoint holds accelerate's optimizer state and both processes' generators, not the whole model
+    checkpoint = launched / "resumed" / "checkpoints" / "step-000006" / "accelerate"
+    assert sorted(path.name for path in checkpoint.iterdir()) == ["optimizer.bin", "random_states_0.pkl",
+                                                                   "random_states_1.pkl"]
+
+
+def test_fsdp2_shards_the_base_model_and_trains_the_whole_adapter_like_one_process(launched, one_thread):
+    sharded, _ = both(launched, "fsdp2-toy")
+    single = fsdp2_adapter("toy", None)
+    assert all(torch.allclose(sharded[name], single[name], atol=1e-5) for name in single)
+    both(launched, "fsdp2-bayeslora")  # posterior draws and KL on the whole factors, equal on both processes
+
+
+def test_adapter_modules_hold_exactly_the_trainable_parameters():
+    from bayeslora.methods import get_method
+    from tests.test_train_loop import tiny_model
+
+    for name in ("mle", "bayeslora", "blob"):
+        model = tiny_model(get_method(name))
+        held = {id(p) for module in adapter_modules(model) for p in module.parameters()}
+        assert held == {id(p) for p in model.parameters() if p.requires_grad}, name
+
+
+def test_launches_the_loop_does_not_run_under_are_refused():
+    for refused, version, message in ((DistributedType.DEEPSPEED, None, "does not run under DEEPSPEED"),
+                                      (DistributedType.MEGATRON_LM, None, "does not run under MEGATRON_LM"),
+                                      (DistributedType.FSDP, 1, "runs under FSDP2 only, not FSDP1")):
+        with pytest.raises(UsageError, match=message):
+            check_launch(refused, version, {})
+    # accelerate turns an FSDP launch on CPU processes into DDP: refused, not trained as something else
+    with pytest.raises(UsageError, match="launched for FSDP, but accelerate set up MULTI_CPU"):
+        check_launch(DistributedType.MULTI_CPU, None, {"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(UsageError, match="launched for DEEPSPEED, but accelerate set up NO"):
+        check_launch(DistributedType.NO, None, {"ACCELERATE_USE_DEEPSPEED": "True"})
     for whole in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        check_not_sharded(whole)
+        check_launch(whole, None, {"ACCELERATE_USE_FSDP": "false"})
+    check_launch(DistributedType.FSDP, 2, {"ACCELERATE_USE_FSDP": "true"})
 
 
 if __name__ == "__main__":
