@@ -7,9 +7,10 @@ The tests launch this file once as the worker (a module fixture) and check what 
   (optimizer, every process's random-number generators) ends with the uninterrupted run's adapter;
 - torch's FSDP2 (`fully_shard`, what accelerate's FSDP2 applies) shards the base model over the two CPU
   processes while the adapter it is told to ignore (`sharding.adapter_modules`) stays whole, and with
-  `sharding.average_gradients` training gives the single-process adapter. accelerate itself sets up FSDP
-  on accelerator devices only (`check_launch` refuses the launch on CPU), so the loop's own FSDP path
-  is not run here.
+  `sharding.average_gradients` training gives the single-process adapter; accelerate's FSDP2 checkpoint
+  helpers (what `Accelerator.save_state` / `load_state` call under FSDP) save and restore it. accelerate
+  itself sets up FSDP on accelerator devices only (`check_launch` refuses the launch on CPU), so the
+  loop's own FSDP path is not run here.
 """
 
 from __future__ import annotations
@@ -98,38 +99,57 @@ def bayeslora_resumed(output: Path, accelerator: Accelerator) -> tuple[dict, dic
     return adapters[0], adapters[1]
 
 
-def fsdp2_adapter(method_name: str, accelerator: Accelerator | None) -> dict[str, torch.Tensor]:
-    """Two steps of NLL + regulariser on 8 questions; with `accelerator` (two processes) the base model is sharded
-    by `fully_shard`, the adapter left whole, and each process scores its half of the questions."""
+def fully_sharded(method, accelerator: Accelerator | None, seed: int):
+    """The tiny model (adapter initialised with `seed`) and its AdamW; with `accelerator` (two processes) the base
+    model sharded by torch's `fully_shard` per decoder layer and at the root, the adapter left whole."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    import bayeslora
-    from bayeslora.checkpoint import trainable_state
-    from bayeslora.methods import get_method
-    from bayeslora.sharding import average_gradients
-    from tests.test_train_loop import ToyLoRA, fixture_questions, tiny_model, tiny_scorer
+    from tests.test_train_loop import tiny_model
 
-    method = ToyLoRA() if method_name == "toy" else get_method(method_name, inducing_rows=3, inducing_cols=3)
-    model, scorer, questions = tiny_model(method), tiny_scorer(), fixture_questions(8)
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    model = tiny_model(method, seed=seed)
     if accelerator is not None:
         ignored = {p for module in adapter_modules(model) for p in module.parameters()}
         for layer in model.get_base_model().model.layers:
             fully_shard(layer, ignored_params=ignored)
         fully_shard(model, ignored_params=ignored)
-        # the frozen base model is sharded (DTensors), the adapter is not
         assert all(isinstance(p, DTensor) != p.requires_grad for p in model.parameters())
+    return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def fsdp2_adapter(method_name: str, accelerator: Accelerator | None, checkpoint: Path | None = None):
+    """Four steps of NLL + regulariser on 8 questions (each process scores its half); with `checkpoint`, accelerate's
+    FSDP helpers save the sharded model and the optimizer there after step 2, and training goes on from another
+    model (other adapter initialisation) that they load it into."""
+    from accelerate.utils import (FullyShardedDataParallelPlugin, load_fsdp_model, load_fsdp_optimizer,
+                                  save_fsdp_model, save_fsdp_optimizer)
+
+    import bayeslora
+    from bayeslora.checkpoint import trainable_state
+    from bayeslora.methods import get_method
+    from bayeslora.sharding import average_gradients
+    from tests.test_train_loop import ToyLoRA, fixture_questions, tiny_scorer
+
+    method = ToyLoRA() if method_name == "toy" else get_method(method_name, inducing_rows=3, inducing_cols=3)
+    scorer, questions = tiny_scorer(), fixture_questions(8)
+    if accelerator is not None:
         questions = questions[accelerator.process_index * 4 : (accelerator.process_index + 1) * 4]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-2)
-    for _ in range(2):
+    model, optimizer = fully_sharded(method, accelerator, seed=0)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    for step in range(4):
+        if checkpoint is not None and step == 2:
+            save_fsdp_model(plugin, accelerator, model, checkpoint)
+            save_fsdp_optimizer(plugin, accelerator, optimizer, model, checkpoint)
+            model, optimizer = fully_sharded(method, accelerator, seed=1)
+            load_fsdp_model(plugin, accelerator, model, checkpoint)
+            load_fsdp_optimizer(plugin, accelerator, optimizer, model, checkpoint)
         batch = scorer.collate(questions)
         with bayeslora.sampling(model, "sample", hold=True):
             logits = scorer.choice_logits(model, batch)
         loss = torch.nn.functional.cross_entropy(logits, batch["answers"]) + method.regulariser(model, 100)
         loss.backward()
         if accelerator is not None:
-            average_gradients(parameters, accelerator)
+            average_gradients([p for p in model.parameters() if p.requires_grad], accelerator)
         optimizer.step()
         optimizer.zero_grad()
     return trainable_state(model)
@@ -145,6 +165,7 @@ def worker(output: Path) -> None:
     save_file(resumed, output / f"resumed-{rank}.safetensors")
     for name in ("toy", "bayeslora"):
         save_file(fsdp2_adapter(name, accelerator), output / f"fsdp2-{name}-{rank}.safetensors")
+    save_file(fsdp2_adapter("toy", accelerator, output / "fsdp2-checkpoint"), output / f"fsdp2-resumed-{rank}.safetensors")
 
 
 def free_port() -> int:
@@ -199,6 +220,9 @@ def test_fsdp2_shards_the_base_model_and_trains_the_whole_adapter_like_one_proce
     single = fsdp2_adapter("toy", None)
     assert all(torch.allclose(sharded[name], single[name], atol=1e-5) for name in single)
     both(launched, "fsdp2-bayeslora")  # posterior draws and KL on the whole factors, equal on both processes
+    # accelerate's FSDP2 checkpoint helpers restore the sharded model and the whole optimizer state
+    resumed, _ = both(launched, "fsdp2-resumed")
+    assert all(torch.equal(resumed[name], sharded[name]) for name in sharded)
 
 
 def test_adapter_modules_hold_exactly_the_trainable_parameters():
