@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch import nn
 
 from bayeslora.errors import UsageError
@@ -32,10 +32,11 @@ _REQUESTED_BY = {"ACCELERATE_USE_FSDP": DistributedType.FSDP, "ACCELERATE_USE_DE
                  "ACCELERATE_USE_MEGATRON_LM": DistributedType.MEGATRON_LM}
 
 
-def check_launch(distributed_type: DistributedType, fsdp_version: int | None, environment: Mapping[str, str]) -> None:
+def check_launch(distributed_type: DistributedType, fsdp_plugin: FullyShardedDataParallelPlugin | None,
+                 environment: Mapping[str, str]) -> None:
     """Refuse (UsageError) a launch the loop does not run under, and one that accelerate did not set up as asked.
 
-    `fsdp_version` is the FSDP plugin's (None without FSDP); `environment` holds what `accelerate launch` set.
+    `fsdp_plugin` is accelerate's (None without FSDP); `environment` holds what `accelerate launch` set.
     Without an accelerator device accelerate turns an FSDP launch into plain DDP over CPU processes: that is
     refused rather than trained as something else than asked.
     """
@@ -46,9 +47,14 @@ def check_launch(distributed_type: DistributedType, fsdp_version: int | None, en
     if distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise UsageError(f"bayeslora train does not run under {distributed_type.value}: launch it with FSDP "
                          "(fsdp_version: 2) or DDP")
-    if distributed_type == DistributedType.FSDP and fsdp_version != 2:
-        raise UsageError(f"bayeslora train runs under FSDP2 only, not FSDP{fsdp_version}: set fsdp_version: 2 "
-                         "in the accelerate config (or --fsdp_version 2)")
+    if distributed_type != DistributedType.FSDP:
+        return
+    if fsdp_plugin.fsdp_version != 2:
+        raise UsageError(f"bayeslora train runs under FSDP2 only, not FSDP{fsdp_plugin.fsdp_version}: set "
+                         "fsdp_version: 2 in the accelerate config (or --fsdp_version 2)")
+    if fsdp_plugin.cpu_ram_efficient_loading:
+        # it moves the whole model, the adapter FSDP leaves whole included, to the meta device before sharding
+        raise UsageError("bayeslora train does not run with fsdp_cpu_ram_efficient_loading: set it to false")
 
 
 def is_sharded(accelerator: Accelerator) -> bool:

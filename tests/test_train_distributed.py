@@ -235,12 +235,18 @@ def test_adapter_modules_hold_exactly_the_trainable_parameters():
         assert held == {id(p) for p in model.parameters() if p.requires_grad}, name
 
 
-def test_launches_the_loop_does_not_run_under_are_refused():
-    for refused, version, message in ((DistributedType.DEEPSPEED, None, "does not run under DEEPSPEED"),
-                                      (DistributedType.MEGATRON_LM, None, "does not run under MEGATRON_LM"),
-                                      (DistributedType.FSDP, 1, "runs under FSDP2 only, not FSDP1")):
+def test_launches_the_loop_does_not_run_under_are_refused(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # restored afterwards: the plugin sets it
+    fsdp = {version: FullyShardedDataParallelPlugin(fsdp_version=version) for version in (1, 2)}
+    for refused, plugin, message in ((DistributedType.DEEPSPEED, None, "does not run under DEEPSPEED"),
+                                     (DistributedType.MEGATRON_LM, None, "does not run under MEGATRON_LM"),
+                                     (DistributedType.FSDP, fsdp[1], "runs under FSDP2 only, not FSDP1"),
+                                     (DistributedType.FSDP, FullyShardedDataParallelPlugin(
+                                         fsdp_version=2, cpu_ram_efficient_loading=True), "cpu_ram_efficient_loading")):
         with pytest.raises(UsageError, match=message):
-            check_launch(refused, version, {})
+            check_launch(refused, plugin, {})
     # accelerate turns an FSDP launch on CPU processes into DDP: refused, not trained as something else
     with pytest.raises(UsageError, match="launched for FSDP, but accelerate set up MULTI_CPU"):
         check_launch(DistributedType.MULTI_CPU, None, {"ACCELERATE_USE_FSDP": "true"})
@@ -248,7 +254,7 @@ def test_launches_the_loop_does_not_run_under_are_refused():
         check_launch(DistributedType.NO, None, {"ACCELERATE_USE_DEEPSPEED": "True"})
     for whole in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         check_launch(whole, None, {"ACCELERATE_USE_FSDP": "false"})
-    check_launch(DistributedType.FSDP, 2, {"ACCELERATE_USE_FSDP": "true"})
+    check_launch(DistributedType.FSDP, fsdp[2], {"ACCELERATE_USE_FSDP": "true"})
 
 
 if __name__ == "__main__":
