@@ -11,7 +11,7 @@ checkpoints/step-000050/   adapter.safetensors, best_adapter.safetensors (traina
                            state.json (step, processes, distributed type, selection state),
                            accelerate/ (`Accelerator.save_state`: the whole optimizer state,
                            every process's random-number generators; under FSDP also the
-                           base model's shards)
+                           base model's shards, under DeepSpeed its engine's checkpoint)
 adapter_config.json, adapter_model.safetensors   the final adapter (peft format)
 results.json, predictions.jsonl, reliability.png the evaluation (zero_shot/ for the base model)
 .lock                      held by the process writing here (`output_dir.output_lock`)
@@ -166,6 +166,11 @@ def _without_model_weights(accelerator) -> Iterator[None]:
             handle.remove()
 
 
+def _deepspeed_options(accelerator, **options: Any) -> dict[str, Any]:
+    """`options` for DeepSpeed's engine under DeepSpeed (accelerate passes them on to it), none otherwise."""
+    return options if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+
+
 def save_checkpoint(
     output: Path,
     accelerator,
@@ -187,7 +192,8 @@ def save_checkpoint(
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
     with _without_model_weights(accelerator):
-        accelerator.save_state(temporary / ACCELERATE_STATE)
+        # DeepSpeed's engine saves its module with the optimizer's shards: without the frozen base model
+        accelerator.save_state(temporary / ACCELERATE_STATE, **_deepspeed_options(accelerator, exclude_frozen_parameters=True))
     if accelerator.is_main_process:
         write_atomically(temporary / "adapter.safetensors", safetensors_bytes(trainable_state(model)))
         if best_adapter is not None:
@@ -233,7 +239,7 @@ def load_checkpoint(
     scheduler_state = read_torch_state(folder / "scheduler.pt")
     try:
         with _without_model_weights(accelerator):
-            accelerator.load_state(folder / ACCELERATE_STATE)
+            accelerator.load_state(folder / ACCELERATE_STATE, **_deepspeed_options(accelerator, load_module_strict=False))
         scheduler.load_state_dict(scheduler_state)
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         raise CorruptFileError(f"{folder}: does not match this run ({type(error).__name__}: {error})") from None
@@ -256,8 +262,8 @@ def check_checkpoint_files(folder: Path) -> None:
     (shapes are compared with the model's when it is restored, `load_checkpoint`).
 
     accelerate's files checked here are its optimizer file and every process's random-number generators
-    (`load_state` would go on without the latter, saying so only in its log); FSDP's sharded files are read
-    by `load_state` itself.
+    (`load_state` would go on without the latter, saying so only in its log); FSDP's and DeepSpeed's sharded
+    files are read by `load_state` itself.
     """
     if not (folder / ACCELERATE_STATE).is_dir():
         raise CorruptFileError(f"{folder}: holds no {ACCELERATE_STATE}/ state (a checkpoint of an earlier bayeslora "
@@ -268,7 +274,7 @@ def check_checkpoint_files(folder: Path) -> None:
         read_tensors(folder / "best_adapter.safetensors")
     read_torch_state(folder / "scheduler.pt")
     accelerate_files = [f"{RNG_STATE_NAME}_{index}.pkl" for index in range(state["processes"])]
-    if state["distributed_type"] != DistributedType.FSDP.value:
+    if state["distributed_type"] not in (DistributedType.FSDP.value, DistributedType.DEEPSPEED.value):
         accelerate_files.append(f"{OPTIMIZER_NAME}.bin")
     for name in accelerate_files:
         read_torch_state(folder / ACCELERATE_STATE / name)

@@ -149,7 +149,7 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         raise UsageError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
                          f"{accelerator.num_processes}; check the accelerate launch settings")
-    check_launch(accelerator.distributed_type, getattr(accelerator.state, "fsdp_plugin", None), os.environ)
+    check_launch(accelerator.state, os.environ)
     check_batches(settings, len(train), accelerator.num_processes)
     # one writer at a time: a second run on this folder refuses instead of interleaving with this one
     with output_lock(output) if accelerator.is_main_process else contextlib.nullcontext():

@@ -51,7 +51,7 @@ from bayeslora.inducing import MEAN, InducingFactor, draw_weights
 from bayeslora.metrics import nll
 from bayeslora.predictive import predict
 from bayeslora.schedules import KLWeighting, lr_scheduler
-from bayeslora.sharding import average_gradients, is_sharded, keep_adapter_whole
+from bayeslora.sharding import average_gradients, is_sharded, prepare, prepared_once
 from bayeslora.tracking import scalars
 from bayeslora.train_settings import TrainSettings
 
@@ -175,9 +175,9 @@ def fit(
     trains, the method's draws are that member's (it is selected on its own predictive).
     """
     members = list(method.members(model))
-    if len(members) > 1 and is_sharded(accelerator):
-        raise UsageError(f"{method.name} trains {len(members)} members in turn on one model, which FSDP shards once: "
-                         "train it on one process or under DDP")
+    if len(members) > 1 and prepared_once(accelerator):
+        raise UsageError(f"{method.name} trains {len(members)} members in turn on one model, which "
+                         f"{accelerator.distributed_type.value} prepares once: train it on one process or under DDP")
     results = []
     for index, member in enumerate(members):
         folder = output if len(members) == 1 else output / f"member-{index}"
@@ -227,10 +227,7 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
     scheduler = lr_scheduler(optimizer, s.lr_schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                              warmup_steps=s.warmup_steps, milestones=tuple(s.lr_milestones))
     kl = KLWeighting(s.kl_weighting, s.beta, s.kl_warmup, s.kl_warmup_unit, len(train_questions), steps_per_epoch)
-    accelerator.free_memory()  # a previous member's model and optimizer are not this one's to save or restore
-    keep_adapter_whole(accelerator, unwrapped)
-    # DDP or FSDP2 across processes (the same module when there is one); the optimizer accelerate checkpoints
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer, micro_batch, s.grad_accum, s.max_grad_norm)
 
     state = {"step": 0, "processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
              "best_step": None, "best_validation_nll": None, "epochs_without_improvement": 0, "stopped_early": False,
@@ -345,7 +342,8 @@ def _accumulate_gradients(model, unwrapped: nn.Module, scorer, method, micro_bat
             regulariser = method.regulariser(unwrapped, kl.divisor, position, steps_per_epoch)
             if regulariser is not None:
                 loss = loss + weight * regulariser
-            accelerator.backward(loss / len(micro_batches))
+            accelerator.sync_gradients = last  # DeepSpeed's engine steps the optimizer at the last micro-batch
+            accelerator.backward(loss)  # divided by the accumulation steps (by DeepSpeed's engine under DeepSpeed)
         totals += torch.stack([loss.detach(), nll.detach(),
                                regulariser.detach() if regulariser is not None else torch.zeros((), device=totals.device)])
     return totals / len(micro_batches)

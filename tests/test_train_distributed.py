@@ -20,11 +20,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from safetensors.torch import load_file, save_file
 
 from bayeslora.errors import UsageError
@@ -67,7 +68,7 @@ def train_bayeslora(output: Path, accelerator: Accelerator) -> dict[str, torch.T
     return trainable_state(model)
 
 
-def bayeslora_resumed(output: Path, accelerator: Accelerator) -> tuple[dict, dict]:
+def resumed(output: Path, accelerator: Accelerator, method_name: str) -> tuple[dict, dict]:
     """(uninterrupted, interrupted after its step-4 checkpoint and resumed) adapters of one two-process run."""
     from accelerate.utils import set_seed
 
@@ -77,14 +78,15 @@ def bayeslora_resumed(output: Path, accelerator: Accelerator) -> tuple[dict, dic
     from bayeslora.train import fit
     from tests.test_train_loop import Interrupt, InterruptingScorer, fixture_questions, settings, tiny_model, tiny_scorer
 
-    method = get_method("bayeslora", inducing_rows=3, inducing_cols=3)
+    method = get_method(method_name, **({"inducing_rows": 3, "inducing_cols": 3} if method_name == "bayeslora" else {}))
     train, validation = split_validation(fixture_questions(32), 8, seed=0, limit=None)
     # 3 steps per epoch, 2 micro-batches per process per step; a linear schedule makes the scheduler state matter
-    s = dict(batch_size=8, grad_accum=2, epochs=2, checkpoint_every=2, lr_schedule="linear", warmup_steps=1)
+    s = dict(batch_size=8, grad_accum=2, epochs=2, checkpoint_every=2, lr_schedule="linear", warmup_steps=1,
+             lora_dropout=0.1)  # dropout masks and posterior draws: each process's random stream matters
     adapters = []
     for name, interrupt_after in (("straight", None), ("resumed", 8)):
         set_seed(0, device_specific=True)
-        model = tiny_model(method)
+        model = tiny_model(method, dropout=0.1)
         if interrupt_after is not None:  # inside step 5 of 6: training forwards 9 and 10 of each process
             try:
                 fit(model, InterruptingScorer(interrupt_after), method, train, validation,
@@ -92,7 +94,7 @@ def bayeslora_resumed(output: Path, accelerator: Accelerator) -> tuple[dict, dic
             except Interrupt:
                 pass
             set_seed(1234, device_specific=True)  # the resumed run starts from other random states
-            model = tiny_model(method)
+            model = tiny_model(method, dropout=0.1)
         fit(model, tiny_scorer(), method, train, validation, settings(output / name, **s), output / name, accelerator,
             resume=interrupt_after is not None)
         adapters.append(trainable_state(model))
@@ -155,14 +157,26 @@ def fsdp2_adapter(method_name: str, accelerator: Accelerator | None, checkpoint:
     return trainable_state(model)
 
 
-def worker(output: Path) -> None:
-    accelerator = Accelerator(cpu=True)
+def worker(output: Path, launch: str) -> None:
+    """What the tests read back, per process: DDP over gloo, or DeepSpeed (ZeRO-2) over gloo."""
+    if launch == "deepspeed":  # accelerate sets up DeepSpeed on CPU processes when not told cpu=True
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+        assert accelerator.distributed_type == DistributedType.DEEPSPEED
+    else:
+        accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
     save_file(train_toy(output / "toy", accelerator), output / f"toy-{rank}.safetensors")
-    save_file(train_bayeslora(output / "bayeslora", accelerator), output / f"bayeslora-{rank}.safetensors")
-    straight, resumed = bayeslora_resumed(output, accelerator)
+    # Bayesian-LoRA's lambda is a 0-dimensional parameter, which DeepSpeed's engine cannot broadcast
+    straight, resumed_adapter = resumed(output, accelerator, "mle" if launch == "deepspeed" else "bayeslora")
     save_file(straight, output / f"straight-{rank}.safetensors")
-    save_file(resumed, output / f"resumed-{rank}.safetensors")
+    save_file(resumed_adapter, output / f"resumed-{rank}.safetensors")
+    if launch == "deepspeed":
+        try:
+            train_bayeslora(output / "bayeslora", accelerator)
+        except UsageError as error:
+            (output / f"refused-{rank}.txt").write_text(str(error))
+        return
+    save_file(train_bayeslora(output / "bayeslora", accelerator), output / f"bayeslora-{rank}.safetensors")
     for name in ("toy", "bayeslora"):
         save_file(fsdp2_adapter(name, accelerator), output / f"fsdp2-{name}-{rank}.safetensors")
     save_file(fsdp2_adapter("toy", accelerator, output / "fsdp2-checkpoint"), output / f"fsdp2-resumed-{rank}.safetensors")
@@ -174,17 +188,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory) -> Path:
-    """The folder the two worker processes wrote into."""
-    folder = tmp_path_factory.mktemp("launched")
+def launch(folder: Path, *options: str, worker_launch: str) -> Path:
+    """Run `worker` in two processes started by `accelerate launch` with `options`; the folder they wrote into."""
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", *options, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), __file__, str(folder)]
+               "--main_process_port", str(free_port()), __file__, str(folder), worker_launch]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return folder
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Path:
+    return launch(tmp_path_factory.mktemp("launched"), "--multi_gpu", worker_launch="ddp")
+
+
+@pytest.fixture(scope="module")
+def deepspeed_launched(tmp_path_factory) -> Path:
+    pytest.importorskip("deepspeed")
+    return launch(tmp_path_factory.mktemp("deepspeed"), "--use_deepspeed", "--zero_stage", "2",
+                  worker_launch="deepspeed")
 
 
 def both(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -194,25 +218,51 @@ def both(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, to
     return first, second
 
 
-def test_two_processes_match_one_process_on_the_same_global_batches(launched, tmp_path, one_thread):
+@pytest.fixture(scope="module")
+def single_process_toy(tmp_path_factory, one_thread) -> dict[str, torch.Tensor]:
+    return train_toy(tmp_path_factory.mktemp("single"), Accelerator(cpu=True))
+
+
+def test_two_processes_match_one_process_on_the_same_global_batches(launched, single_process_toy, tmp_path, one_thread):
     first, _ = both(launched, "toy")
     both(launched, "bayeslora")
-    single = train_toy(tmp_path / "single", Accelerator(cpu=True))
-    assert all(torch.allclose(first[name], single[name], atol=1e-5) for name in first)
+    assert all(torch.allclose(first[name], single_process_toy[name], atol=1e-5) for name in first)
     # the comparison can tell: the regulariser counted twice gives a clearly different adapter
     doubled = train_toy(tmp_path / "doubled", Accelerator(cpu=True), beta=2 * BETA)
     assert max((doubled[name] - first[name]).abs().max().item() for name in first) > 1e-3
 
 
-def test_two_processes_resume_from_accelerate_state_to_the_uninterrupted_adapter(launched):
-    straight, _ = both(launched, "straight")
-    resumed, _ = both(launched, "resumed")
+def assert_resumed_to_the_uninterrupted_adapter(folder: Path) -> None:
+    straight, _ = both(folder, "straight")
+    resumed, _ = both(folder, "resumed")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_two_processes_resume_from_accelerate_state_to_the_uninterrupted_adapter(launched):
+    assert_resumed_to_the_uninterrupted_adapter(launched)
     # the checkpoint holds accelerate's optimizer state and both processes' generators, not the whole model
     checkpoint = launched / "resumed" / "checkpoints" / "step-000006" / "accelerate"
     assert sorted(path.name for path in checkpoint.iterdir()) == ["optimizer.bin", "random_states_0.pkl",
                                                                    "random_states_1.pkl"]
+
+
+def test_deepspeed_zero2_trains_like_one_process_and_resumes_from_its_optimizer_shards(deepspeed_launched,
+                                                                                        single_process_toy):
+    first, _ = both(deepspeed_launched, "toy")
+    assert all(torch.allclose(first[name], single_process_toy[name], atol=1e-5) for name in first)
+    assert_resumed_to_the_uninterrupted_adapter(deepspeed_launched)
+    # each process wrote its shard of the optimizer state; the engine's module file holds the adapter only
+    engine = deepspeed_launched / "resumed" / "checkpoints" / "step-000006" / "accelerate" / "pytorch_model"
+    shards = sorted(path.name for path in engine.glob("*optim_states.pt"))
+    assert len(shards) == 2, sorted(path.name for path in engine.iterdir())
+    module = torch.load(next(engine.glob("*model_states.pt")), weights_only=True)["module"]
+    assert module and all("lora_" in name for name in module)
+    for rank in (0, 1):
+        assert (deepspeed_launched / f"refused-{rank}.txt").read_text() == (
+            "DeepSpeed cannot broadcast the 0-dimensional parameter "
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.lambda_raw: train this method under "
+            "FSDP2 or DDP")
 
 
 def test_fsdp2_shards_the_base_model_and_trains_the_whole_adapter_like_one_process(launched, one_thread):
@@ -235,27 +285,39 @@ def test_adapter_modules_hold_exactly_the_trainable_parameters():
         assert held == {id(p) for p in model.parameters() if p.requires_grad}, name
 
 
+def launch_state(distributed_type: DistributedType, mixed_precision: str = "no", fsdp_plugin=None, deepspeed_plugin=None):
+    """What `check_launch` reads of an `AcceleratorState` (a process has one only)."""
+    return SimpleNamespace(distributed_type=distributed_type, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin,
+                           deepspeed_plugin=deepspeed_plugin)
+
+
 def test_launches_the_loop_does_not_run_under_are_refused(monkeypatch):
-    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
 
     monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")  # restored afterwards: the plugin sets it
     fsdp = {version: FullyShardedDataParallelPlugin(fsdp_version=version) for version in (1, 2)}
-    for refused, plugin, message in ((DistributedType.DEEPSPEED, None, "does not run under DEEPSPEED"),
-                                     (DistributedType.MEGATRON_LM, None, "does not run under MEGATRON_LM"),
-                                     (DistributedType.FSDP, fsdp[1], "runs under FSDP2 only, not FSDP1"),
-                                     (DistributedType.FSDP, FullyShardedDataParallelPlugin(
-                                         fsdp_version=2, cpu_ram_efficient_loading=True), "cpu_ram_efficient_loading")):
+    zero = {stage: DeepSpeedPlugin(zero_stage=stage) for stage in (2, 3)}
+    refused = {
+        "does not run under MEGATRON_LM": launch_state(DistributedType.MEGATRON_LM),
+        "runs under FSDP2 only, not FSDP1": launch_state(DistributedType.FSDP, fsdp_plugin=fsdp[1]),
+        "cpu_ram_efficient_loading": launch_state(DistributedType.FSDP, fsdp_plugin=FullyShardedDataParallelPlugin(
+            fsdp_version=2, cpu_ram_efficient_loading=True)),
+        "runs under DeepSpeed ZeRO-1 or 2, not ZeRO-3": launch_state(DistributedType.DEEPSPEED, deepspeed_plugin=zero[3]),
+        "DeepSpeed's bf16 casts every parameter": launch_state(DistributedType.DEEPSPEED, "bf16", deepspeed_plugin=zero[2]),
+    }
+    for message, state in refused.items():
         with pytest.raises(UsageError, match=message):
-            check_launch(refused, plugin, {})
+            check_launch(state, {})
     # accelerate turns an FSDP launch on CPU processes into DDP: refused, not trained as something else
     with pytest.raises(UsageError, match="launched for FSDP, but accelerate set up MULTI_CPU"):
-        check_launch(DistributedType.MULTI_CPU, None, {"ACCELERATE_USE_FSDP": "true"})
+        check_launch(launch_state(DistributedType.MULTI_CPU), {"ACCELERATE_USE_FSDP": "true"})
     with pytest.raises(UsageError, match="launched for DEEPSPEED, but accelerate set up NO"):
-        check_launch(DistributedType.NO, None, {"ACCELERATE_USE_DEEPSPEED": "True"})
+        check_launch(launch_state(DistributedType.NO), {"ACCELERATE_USE_DEEPSPEED": "True"})
     for whole in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        check_launch(whole, None, {"ACCELERATE_USE_FSDP": "false"})
-    check_launch(DistributedType.FSDP, fsdp[2], {"ACCELERATE_USE_FSDP": "true"})
+        check_launch(launch_state(whole, "bf16"), {"ACCELERATE_USE_FSDP": "false"})
+    check_launch(launch_state(DistributedType.FSDP, "bf16", fsdp_plugin=fsdp[2]), {"ACCELERATE_USE_FSDP": "true"})
+    check_launch(launch_state(DistributedType.DEEPSPEED, deepspeed_plugin=zero[2]), {"ACCELERATE_USE_DEEPSPEED": "true"})
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]))
+    worker(Path(sys.argv[1]), sys.argv[2])
