@@ -191,11 +191,14 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
         results = []
     train_seconds = time.perf_counter() - start
     accelerator.end_training()  # closes the tracker's run (nothing without one)
-    main = accelerator.is_main_process
-    if not main and not is_sharded(accelerator):  # a sharded model's forward passes need every process
+    main, sharded = accelerator.is_main_process, is_sharded(accelerator)
+    if not main and not sharded:  # a sharded model's forward passes, and gathering it, need every process
         return None
+    # the whole state dict on the main process (gathered from every process's shard under FSDP): peft saves the
+    # base weights of adapted embedding layers too
+    state_dict = accelerator.get_state_dict(model)
     if main:
-        write_files_atomically(output, model.save_pretrained)  # the adapter, in peft format
+        write_files_atomically(output, lambda folder: model.save_pretrained(folder, state_dict=state_dict))
         save_method_state(output, method, options=settings.method_options, lora=lora, model=settings.model,
                           loading=settings.loading(), evaluation=evaluation_record(settings))
         summary = {"n_train": len(train), "n_validation": len(validation), "train_seconds": train_seconds,

@@ -7,7 +7,8 @@ The tests launch this file once as the worker (a module fixture) and check what 
   (optimizer, every process's random-number generators) ends with the uninterrupted run's adapter;
 - torch's FSDP2 (`fully_shard`, what accelerate's FSDP2 applies) shards the base model over the two CPU
   processes while the adapter it is told to ignore (`sharding.adapter_modules`) stays whole, and with
-  `sharding.average_gradients` training gives the single-process adapter; accelerate's FSDP2 checkpoint
+  `sharding.average_gradients` training gives the single-process adapter (and the same validation NLL and
+  update sizes, read on the sharded model); accelerate's FSDP2 checkpoint
   helpers (what `Accelerator.save_state` / `load_state` call under FSDP) save and restore it. accelerate
   itself sets up FSDP on accelerator devices only (`check_launch` refuses the launch on CPU), so the
   loop's own FSDP path is not run here.
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from bayeslora.errors import UsageError
 from bayeslora.sharding import adapter_modules, check_launch
+from tests.conftest import make_tiny_llama
 from tests.test_train_loop import one_thread  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,17 +121,26 @@ def fully_sharded(method, accelerator: Accelerator | None, seed: int):
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
 
-def fsdp2_adapter(method_name: str, accelerator: Accelerator | None, checkpoint: Path | None = None):
+def fsdp2_adapter(method_name: str, accelerator: Accelerator | None, checkpoint: Path | None = None,
+                  peft_folder: Path | None = None):
     """Four steps of NLL + regulariser on 8 questions (each process scores its half); with `checkpoint`, accelerate's
     FSDP helpers save the sharded model and the optimizer there after step 2, and training goes on from another
-    model (other adapter initialisation) that they load it into."""
+    model (other adapter initialisation) that they load it into.
+
+    Returns the adapter, and as `diagnostics.*` what the loop reads on the (sharded) model after training: the
+    validation NLL of the method's predictive on all 8 questions and the relative update per target module.
+    With `peft_folder`, the whole state dict is gathered and the main process saves the adapter there with peft,
+    as `bayeslora train` does."""
     from accelerate.utils import (FullyShardedDataParallelPlugin, load_fsdp_model, load_fsdp_optimizer,
                                   save_fsdp_model, save_fsdp_optimizer)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     import bayeslora
     from bayeslora.checkpoint import trainable_state
+    from bayeslora.diagnostics import relative_updates
     from bayeslora.methods import get_method
     from bayeslora.sharding import average_gradients
+    from bayeslora.train import validate
     from tests.test_train_loop import ToyLoRA, fixture_questions, tiny_scorer
 
     method = ToyLoRA() if method_name == "toy" else get_method(method_name, inducing_rows=3, inducing_cols=3)
@@ -154,7 +165,14 @@ def fsdp2_adapter(method_name: str, accelerator: Accelerator | None, checkpoint:
             average_gradients([p for p in model.parameters() if p.requires_grad], accelerator)
         optimizer.step()
         optimizer.zero_grad()
-    return trainable_state(model)
+    if peft_folder is not None:  # gathered as `Accelerator.get_state_dict` gathers under FSDP2, saved by the main process
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+        state_dict = get_model_state_dict(model, options=options)
+        if accelerator.is_main_process:
+            model.save_pretrained(peft_folder, state_dict=state_dict)
+    diagnostics = {"validation_nll": validate(model, scorer, method, fixture_questions(8), None, 0, 8)["validation_nll"],
+                   **relative_updates(model)}
+    return {**trainable_state(model), **{f"diagnostics.{key}": torch.tensor(value) for key, value in diagnostics.items()}}
 
 
 def worker(output: Path, launch: str) -> None:
@@ -177,8 +195,8 @@ def worker(output: Path, launch: str) -> None:
             (output / f"refused-{rank}.txt").write_text(str(error))
         return
     save_file(train_bayeslora(output / "bayeslora", accelerator), output / f"bayeslora-{rank}.safetensors")
-    for name in ("toy", "bayeslora"):
-        save_file(fsdp2_adapter(name, accelerator), output / f"fsdp2-{name}-{rank}.safetensors")
+    save_file(fsdp2_adapter("toy", accelerator, peft_folder=output / "fsdp2-peft"), output / f"fsdp2-toy-{rank}.safetensors")
+    save_file(fsdp2_adapter("bayeslora", accelerator), output / f"fsdp2-bayeslora-{rank}.safetensors")
     save_file(fsdp2_adapter("toy", accelerator, output / "fsdp2-checkpoint"), output / f"fsdp2-resumed-{rank}.safetensors")
 
 
@@ -268,7 +286,15 @@ def test_deepspeed_zero2_trains_like_one_process_and_resumes_from_its_optimizer_
 def test_fsdp2_shards_the_base_model_and_trains_the_whole_adapter_like_one_process(launched, one_thread):
     sharded, _ = both(launched, "fsdp2-toy")
     single = fsdp2_adapter("toy", None)
+    assert sharded.keys() == single.keys() and any(name.startswith("diagnostics.") for name in single)
     assert all(torch.allclose(sharded[name], single[name], atol=1e-5) for name in single)
+    # peft's adapter file of the sharded model: the whole adapter, and lm_head's base weight (an adapted output
+    # embedding), gathered from both processes' shards
+    saved = load_file(launched / "fsdp2-peft" / "adapter_model.safetensors")
+    assert torch.equal(saved.pop("base_model.model.lm_head.base_layer.weight"), make_tiny_llama().lm_head.weight)
+    adapter = {name: value for name, value in sharded.items() if not name.startswith("diagnostics.")}
+    assert {name.replace(".weight", ".default.weight") for name in saved} == adapter.keys()
+    assert all(torch.equal(value, adapter[name.replace(".weight", ".default.weight")]) for name, value in saved.items())
     both(launched, "fsdp2-bayeslora")  # posterior draws and KL on the whole factors, equal on both processes
     # accelerate's FSDP2 checkpoint helpers restore the sharded model and the whole optimizer state
     resumed, _ = both(launched, "fsdp2-resumed")
