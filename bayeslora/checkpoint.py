@@ -23,10 +23,10 @@ moment leaves the previous checkpoint intact. Every staging name starts with
 Reading a checkpoint back checks every file first (`saved_files`).
 
 The optimizer goes through accelerate's state saving so that a sharded launch
-(FSDP) writes all of it, not the main process's part; without FSDP accelerate
-would also write the whole model, which `_without_model_weights`
-leave out (the adapter files hold what training changes). The scheduler stays in
-our own file: accelerate's prepared scheduler steps once per process unless
+(FSDP, DeepSpeed) writes all of it, not the main process's part; without them
+accelerate would also write the whole model, which `_without_model_weights`
+leaves out (the adapter files hold what training changes). The scheduler stays
+in our own file: accelerate's prepared scheduler steps once per process unless
 the Accelerator is built for it, and its registered objects are read back
 without weights_only.
 """

@@ -194,9 +194,9 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
     main, sharded = accelerator.is_main_process, is_sharded(accelerator)
     if not main and not sharded:  # a sharded model's forward passes, and gathering it, need every process
         return None
-    # the whole state dict on the main process (gathered from every process's shard under FSDP): peft saves the
-    # base weights of adapted embedding layers too
-    state_dict = accelerator.get_state_dict(model)
+    # under FSDP the main process saves from the state dict gathered from every process's shard (peft saves the
+    # base weights of adapted embedding layers too); elsewhere peft reads the model's own
+    state_dict = accelerator.get_state_dict(model) if sharded else None
     if main:
         write_files_atomically(output, lambda folder: model.save_pretrained(folder, state_dict=state_dict))
         save_method_state(output, method, options=settings.method_options, lora=lora, model=settings.model,

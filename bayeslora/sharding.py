@@ -114,7 +114,7 @@ def prepared_once(accelerator: Accelerator) -> bool:
 def configure_deepspeed(accelerator: Accelerator, model: nn.Module, micro_batch: int, grad_accum: int,
                         max_grad_norm: float) -> None:
     """Before `accelerator.prepare` under DeepSpeed (a no-op otherwise): its config's micro-batch per process,
-    accumulation steps and gradient clipping become the loop's. A value the config sets to something else than
+    accumulation steps, global batch and gradient clipping become the loop's. A value the config sets to something else than
     "auto" and the loop's is refused, and so is a model with a 0-dimensional parameter (Bayesian-LoRA's lambda):
     DeepSpeed's engine broadcasts every parameter viewed as bytes, which torch refuses for a 0-dimensional one."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -125,6 +125,7 @@ def configure_deepspeed(accelerator: Accelerator, model: nn.Module, micro_batch:
                          "under FSDP2 or DDP")
     plugin = accelerator.state.deepspeed_plugin
     for key, value in (("train_micro_batch_size_per_gpu", micro_batch), ("gradient_accumulation_steps", grad_accum),
+                       ("train_batch_size", micro_batch * grad_accum * accelerator.num_processes),
                        ("gradient_clipping", float(max_grad_norm))):
         configured = plugin.deepspeed_config.get(key, "auto")
         if configured not in ("auto", value):

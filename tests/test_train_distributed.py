@@ -345,5 +345,26 @@ def test_launches_the_loop_does_not_run_under_are_refused(monkeypatch):
     check_launch(launch_state(DistributedType.DEEPSPEED, deepspeed_plugin=zero[2]), {"ACCELERATE_USE_DEEPSPEED": "true"})
 
 
+def test_deepspeed_config_takes_the_loops_batch_accumulation_and_clipping():
+    from accelerate.utils import DeepSpeedPlugin
+
+    from bayeslora.sharding import configure_deepspeed
+    from tests.test_train_loop import ToyLoRA, tiny_model
+
+    def under(plugin):
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    auto = DeepSpeedPlugin(zero_stage=2)
+    configure_deepspeed(under(auto), tiny_model(ToyLoRA()), micro_batch=3, grad_accum=2, max_grad_norm=0.5)
+    assert {key: auto.deepspeed_config[key] for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                                         "train_batch_size", "gradient_clipping")} == \
+        {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2, "train_batch_size": 12,
+         "gradient_clipping": 0.5}
+    with pytest.raises(UsageError, match="the DeepSpeed config sets gradient_accumulation_steps to 4, this run needs 2"):
+        configure_deepspeed(under(DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=4)),
+                            tiny_model(ToyLoRA()), micro_batch=3, grad_accum=2, max_grad_norm=0.5)
+
+
 if __name__ == "__main__":
     worker(Path(sys.argv[1]), sys.argv[2])
