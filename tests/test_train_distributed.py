@@ -1,17 +1,20 @@
-"""`accelerate launch` with two CPU processes (gloo): global-batch semantics of the loop, resume, FSDP2's premise.
+"""`accelerate launch` with two CPU processes (gloo): the loop under DDP and DeepSpeed ZeRO-2, resume, FSDP2's premises.
 
-The tests launch this file once as the worker (a module fixture) and check what it wrote:
+The tests launch this file as the worker twice (module fixtures: DDP, DeepSpeed) and check what it wrote:
 - both processes end with the same adapter, the one a single process computes on the same global
   batches: the mean NLL over the global batch plus the regulariser counted once per step;
 - a two-process run interrupted after a checkpoint and resumed from accelerate's saved state
   (optimizer, every process's random-number generators) ends with the uninterrupted run's adapter;
+- the same under DeepSpeed ZeRO-2 (accelerate sets it up on CPU processes over gloo when not told
+  cpu=True), resumed from the engine's optimizer shards; Bayesian-LoRA is refused there (DeepSpeed
+  cannot broadcast its 0-dimensional lambda);
 - torch's FSDP2 (`fully_shard`, what accelerate's FSDP2 applies) shards the base model over the two CPU
   processes while the adapter it is told to ignore (`sharding.adapter_modules`) stays whole, and with
   `sharding.average_gradients` training gives the single-process adapter (and the same validation NLL and
-  update sizes, read on the sharded model); accelerate's FSDP2 checkpoint
-  helpers (what `Accelerator.save_state` / `load_state` call under FSDP) save and restore it. accelerate
-  itself sets up FSDP on accelerator devices only (`check_launch` refuses the launch on CPU), so the
-  loop's own FSDP path is not run here.
+  update sizes, read on the sharded model); the gathered state dict saved by peft holds the whole adapter;
+  accelerate's FSDP2 checkpoint helpers (what `Accelerator.save_state` / `load_state` call under FSDP)
+  save and restore it. accelerate itself sets up FSDP on accelerator devices only (`check_launch` refuses
+  the launch on CPU), so the loop's own FSDP path is not run here.
 """
 
 from __future__ import annotations
