@@ -57,7 +57,7 @@ def check_launch(state: AcceleratorState, environment: Mapping[str, str]) -> Non
     for variable, requested in _REQUESTED_BY.items():
         if environment.get(variable, "false").lower() == "true" and distributed_type != requested:
             raise UsageError(f"launched for {requested.value}, but accelerate set up {distributed_type.value} "
-                             f"(it sets up {requested.value} on accelerator devices only, not on CPU processes)")
+                             "(it sets that up for processes on accelerator devices only)")
     if distributed_type == DistributedType.MEGATRON_LM:
         raise UsageError("bayeslora train does not run under MEGATRON_LM: launch it with FSDP (fsdp_version: 2), "
                          "DeepSpeed (ZeRO-1 or 2) or DDP")
