@@ -6,9 +6,12 @@ run.json                   the settings that define the run (refuses a different
 train_log.jsonl            one line per optimizer step
 checkpoints/latest         name of the newest complete checkpoint (replaced atomically)
 checkpoints/step-000050/   adapter.safetensors, best_adapter.safetensors (trainable
-                           parameters), optimizer.pt, scheduler.pt (torch.save of state
-                           dicts, read back with weights_only=True), rng-<process>.pt,
-                           state.json (step, epoch, selection state)
+                           parameters, written by the main process), scheduler.pt
+                           (torch.save of its state dict, read back with weights_only=True),
+                           state.json (step, processes, distributed type, selection state),
+                           accelerate/ (`Accelerator.save_state`: the whole optimizer state,
+                           every process's random-number generators; under FSDP also the
+                           base model's shards, under DeepSpeed its engine's checkpoint)
 adapter_config.json, adapter_model.safetensors   the final adapter (peft format)
 results.json, predictions.jsonl, reliability.png the evaluation (zero_shot/ for the base model)
 .lock                      held by the process writing here (`output_dir.output_lock`)
@@ -18,6 +21,14 @@ then named in `latest`; older checkpoints are deleted afterwards. A crash at any
 moment leaves the previous checkpoint intact. Every staging name starts with
 ".", so the next start can remove what an interrupted write left behind.
 Reading a checkpoint back checks every file first (`saved_files`).
+
+The optimizer goes through accelerate's state saving so that a sharded launch
+(FSDP, DeepSpeed) writes all of it, not the main process's part; without them
+accelerate would also write the whole model, which `_without_model_weights`
+leaves out (the adapter files hold what training changes). The scheduler stays
+in our own file: accelerate's prepared scheduler steps once per process unless
+the Accelerator is built for it, and its registered objects are read back
+without weights_only.
 """
 
 from __future__ import annotations
@@ -26,10 +37,14 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
+from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
@@ -41,8 +56,10 @@ from bayeslora.saved_files import read_json_object, read_tensors, read_torch_sta
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 #: what `state.json` of every checkpoint holds (written by the training loop)
-STATE_KEYS = {"step", "processes", "best_step", "best_validation_nll", "epochs_without_improvement", "stopped_early",
-              "validation_history"}
+STATE_KEYS = {"step", "processes", "distributed_type", "best_step", "best_validation_nll", "epochs_without_improvement",
+              "stopped_early", "validation_history"}
+#: the folder of a checkpoint that `Accelerator.save_state` writes
+ACCELERATE_STATE = "accelerate"
 
 
 def check_output_dir(output: Path, identity: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
@@ -136,16 +153,37 @@ def latest_checkpoint(output: Path) -> Path | None:
     return folder
 
 
+@contextmanager
+def _without_model_weights(accelerator) -> Iterator[None]:
+    """accelerate's state saving leaves out the whole-model weights it would write (and read) without FSDP:
+    the checkpoint's adapter files hold the trainable parameters."""
+    handles = [accelerator.register_save_state_pre_hook(lambda models, weights, folder: weights.clear()),
+               accelerator.register_load_state_pre_hook(lambda models, folder: models.clear())]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _deepspeed_options(accelerator, **options: Any) -> dict[str, Any]:
+    """`options` for DeepSpeed's engine under DeepSpeed (accelerate passes them on to it), none otherwise."""
+    return options if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+
+
 def save_checkpoint(
     output: Path,
     accelerator,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
     best_adapter: dict[str, torch.Tensor] | None,
 ) -> None:
-    """Write a checkpoint for optimizer step `state["step"]` atomically (all processes call this)."""
+    """Write a checkpoint for optimizer step `state["step"]` atomically (all processes call this).
+
+    The optimizer prepared by `accelerator` (its only one) and every process's random-number generators go
+    through `Accelerator.save_state`.
+    """
     folder = output / CHECKPOINTS
     name = f"step-{state['step']:06d}"
     temporary = folder / f".tmp-{name}"
@@ -153,15 +191,13 @@ def save_checkpoint(
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    write_atomically(temporary / f"rng-{accelerator.process_index}.pt", _torch_bytes(rng))
+    with _without_model_weights(accelerator):
+        # DeepSpeed's engine saves its module with the optimizer's shards: without the frozen base model
+        accelerator.save_state(temporary / ACCELERATE_STATE, **_deepspeed_options(accelerator, exclude_frozen_parameters=True))
     if accelerator.is_main_process:
         write_atomically(temporary / "adapter.safetensors", safetensors_bytes(trainable_state(model)))
         if best_adapter is not None:
             write_atomically(temporary / "best_adapter.safetensors", safetensors_bytes(best_adapter))
-        write_atomically(temporary / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
         write_atomically(temporary / "scheduler.pt", _torch_bytes(scheduler.state_dict()))
         write_atomically(temporary / "state.json", json.dumps(state, indent=1))
     accelerator.wait_for_everyone()
@@ -184,55 +220,64 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Restore the newest checkpoint into model/optimizer/scheduler/RNG; returns (state, best adapter).
 
-    Every file is read and checked before anything is restored (`saved_files`): adapters hold exactly the
-    model's trainable tensors, finite; optimizer, scheduler and RNG states match this run.
+    Call after `accelerator.prepare(model, optimizer)`. Every file is read and
+    checked before anything is restored (`saved_files`): adapters hold exactly the model's trainable tensors,
+    finite; the checkpoint was written by as many processes, under the same distributed type; optimizer and
+    scheduler states match this run.
     """
     folder = latest_checkpoint(output)
+    check_checkpoint_files(folder)
+    state = _read_state(folder)
+    written, now = (state["processes"], state["distributed_type"]), (accelerator.num_processes, accelerator.distributed_type.value)
+    if written != now:
+        raise UsageError(f"the checkpoint was written by {written[0]} processes under {written[1]}, "
+                         f"this run has {now[0]} under {now[1]}")
     expected = trainable_state(model)
     adapter = read_tensors(folder / "adapter.safetensors", expected)
     best_file = folder / "best_adapter.safetensors"
     best = read_tensors(best_file, expected) if best_file.is_file() else None
-    state = _read_state(folder)
-    restored = [(optimizer, folder / "optimizer.pt"), (scheduler, folder / "scheduler.pt")]
-    states = [(target, path, read_torch_state(path)) for target, path in restored]
-    rng_file = folder / f"rng-{accelerator.process_index}.pt"
-    rng = read_torch_state(rng_file)
-    if not isinstance(rng, dict) or "torch" not in rng:
-        raise CorruptFileError(f"{rng_file}: not a random-number-generator state")
-    for target, path, saved in states:
-        try:
-            target.load_state_dict(saved)
-        except (KeyError, ValueError, TypeError, RuntimeError) as error:
-            raise CorruptFileError(f"{path}: does not match this run ({type(error).__name__}: {error})") from None
-    _check_optimizer_shapes(optimizer, folder / "optimizer.pt")
-    load_trainable_state(model, adapter)
+    scheduler_state = read_torch_state(folder / "scheduler.pt")
     try:
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    except (RuntimeError, TypeError) as error:
-        raise CorruptFileError(f"{rng_file}: not a usable random-number-generator state ({error})") from None
+        with _without_model_weights(accelerator):
+            accelerator.load_state(folder / ACCELERATE_STATE, **_deepspeed_options(accelerator, load_module_strict=False))
+        scheduler.load_state_dict(scheduler_state)
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        raise CorruptFileError(f"{folder}: does not match this run ({type(error).__name__}: {error})") from None
+    _check_optimizer_shapes(optimizer, folder / ACCELERATE_STATE)
+    load_trainable_state(model, adapter)
     return state, best
-
 
 
 def _read_state(folder: Path) -> dict[str, Any]:
     state = read_json_object(folder / "state.json")
     missing = sorted(STATE_KEYS - set(state))
-    if missing or not isinstance(state["step"], int) or state["step"] < 0 or not isinstance(state["processes"], int):
+    if missing or not isinstance(state["step"], int) or state["step"] < 0 or not isinstance(state["processes"], int) \
+            or state["distributed_type"] not in {member.value for member in DistributedType}:
         raise CorruptFileError(f"{folder / 'state.json'}: not a checkpoint state (missing {missing or 'a valid step'})")
     return state
 
 
 def check_checkpoint_files(folder: Path) -> None:
     """Every file of the checkpoint in `folder` reads back whole and finite; checked before any model is loaded
-    (shapes are compared with the model's when it is restored, `load_checkpoint`)."""
+    (shapes are compared with the model's when it is restored, `load_checkpoint`).
+
+    accelerate's files checked here are its optimizer file and every process's random-number generators
+    (`load_state` would go on without the latter, saying so only in its log); FSDP's and DeepSpeed's sharded
+    files are read by `load_state` itself.
+    """
+    if not (folder / ACCELERATE_STATE).is_dir():
+        raise CorruptFileError(f"{folder}: holds no {ACCELERATE_STATE}/ state (a checkpoint of an earlier bayeslora "
+                               f"that kept optimizer.pt itself); it cannot be resumed: pass --overwrite to start again")
     state = _read_state(folder)
     read_tensors(folder / "adapter.safetensors")
     if (folder / "best_adapter.safetensors").is_file():
         read_tensors(folder / "best_adapter.safetensors")
-    for name in ("optimizer.pt", "scheduler.pt", *(f"rng-{index}.pt" for index in range(state["processes"]))):
-        read_torch_state(folder / name)
+    read_torch_state(folder / "scheduler.pt")
+    accelerate_files = [f"{RNG_STATE_NAME}_{index}.pkl" for index in range(state["processes"])]
+    if state["distributed_type"] not in (DistributedType.FSDP.value, DistributedType.DEEPSPEED.value):
+        accelerate_files.append(f"{OPTIMIZER_NAME}.bin")
+    for name in accelerate_files:
+        read_torch_state(folder / ACCELERATE_STATE / name)
 
 
 def _check_optimizer_shapes(optimizer: torch.optim.Optimizer, path: Path) -> None:

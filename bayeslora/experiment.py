@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
 from rich.console import Console
 from rich.table import Table
@@ -53,6 +53,7 @@ from bayeslora.models import context_length, load_model, load_model_config, load
 from bayeslora.output_dir import check_not_in_use, output_lock
 from bayeslora.runs import save_method_state
 from bayeslora.scoring import Scorer
+from bayeslora.sharding import check_launch, is_sharded
 from bayeslora.tasks import EVALUATION_ROLE, Question, load_task, load_task_file
 from bayeslora.saved_files import read_json_object, read_tensors
 from bayeslora.tracking import accelerator_options, start_tracking
@@ -85,14 +86,6 @@ def split_validation(questions: Sequence, size: int, seed: int, limit: int | Non
     validation = [questions[i] for i in order[:size]]
     train = [questions[i] for i in sorted(order[size:])]
     return train[:limit], validation
-
-
-def check_not_sharded(distributed_type: DistributedType) -> None:
-    """Refuse FSDP, DeepSpeed and Megatron launches: the loop's checkpoints, best-epoch copies and adapter saves
-    read whole parameters on the main process, which a sharded model does not hold (docs/training.md)."""
-    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise UsageError(f"bayeslora train runs on one process or several under DDP, not under {distributed_type.value}: "
-                         "its checkpoints and adapter saves would hold one process's shard only")
 
 
 def load_questions(settings: TrainSettings) -> tuple[list[Question], list[Question], list[Question]]:
@@ -156,7 +149,7 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
         raise UsageError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up "
                          f"{accelerator.num_processes}; check the accelerate launch settings")
-    check_not_sharded(accelerator.distributed_type)
+    check_launch(accelerator.state, os.environ)
     check_batches(settings, len(train), accelerator.num_processes)
     # one writer at a time: a second run on this folder refuses instead of interleaving with this one
     with output_lock(output) if accelerator.is_main_process else contextlib.nullcontext():
@@ -198,22 +191,29 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
         results = []
     train_seconds = time.perf_counter() - start
     accelerator.end_training()  # closes the tracker's run (nothing without one)
-    if not accelerator.is_main_process:
+    main, sharded = accelerator.is_main_process, is_sharded(accelerator)
+    if not main and not sharded:  # a sharded model's forward passes, and gathering it, need every process
         return None
-    write_files_atomically(output, model.save_pretrained)  # the adapter, in peft format
-    save_method_state(output, method, options=settings.method_options, lora=lora, model=settings.model,
-                      loading=settings.loading(), evaluation=evaluation_record(settings))
-    summary = {"n_train": len(train), "n_validation": len(validation), "train_seconds": train_seconds,
-               "members": [dataclasses.asdict(r) for r in results]}
-    write_atomically(output / "training.json", json.dumps(summary, indent=1))
+    # under FSDP the main process saves from the state dict gathered from every process's shard (peft saves the
+    # base weights of adapted embedding layers too); elsewhere peft reads the model's own
+    state_dict = accelerator.get_state_dict(model) if sharded else None
+    if main:
+        write_files_atomically(output, lambda folder: model.save_pretrained(folder, state_dict=state_dict))
+        save_method_state(output, method, options=settings.method_options, lora=lora, model=settings.model,
+                          loading=settings.loading(), evaluation=evaluation_record(settings))
+        summary = {"n_train": len(train), "n_validation": len(validation), "train_seconds": train_seconds,
+                   "members": [dataclasses.asdict(r) for r in results]}
+        write_atomically(output / "training.json", json.dumps(summary, indent=1))
     after = None
     if evaluation:
-        after = evaluate_into(output, model, tokenizer, evaluation, method, settings, adapter=str(output),
+        after = evaluate_into(output, model, tokenizer, evaluation, method, settings, write=main, adapter=str(output),
                               method_name=settings.method)
-    extra_results = {task: evaluate_into(output / "eval" / task, model, tokenizer, questions, method, settings,
+    extra_results = {task: evaluate_into(output / "eval" / task, model, tokenizer, questions, method, settings, write=main,
                                          adapter=str(output), method_name=settings.method, task=task,
                                          split=EVALUATION_ROLE, train_task=settings.task or settings.task_file)
                      for task, questions in extras.items()}
+    if not main:
+        return None
     return Experiment(method, len(train), len(validation), trainable_parameters(model, method), train_seconds,
                       str(accelerator.device), after, extra_results, zero_shot)
 
@@ -225,14 +225,16 @@ def evaluation_record(settings: TrainSettings) -> dict[str, Any]:
 
 
 def evaluate_into(directory: Path, model: nn.Module, tokenizer, questions: Sequence, method, settings: TrainSettings,
-                  **description: Any) -> dict[str, Any]:
-    """The protocol's evaluation path: results.json, predictions.jsonl, reliability.png in `directory`."""
+                  write: bool = True, **description: Any) -> dict[str, Any]:
+    """The protocol's evaluation path: results.json, predictions.jsonl, reliability.png in `directory` (with
+    `write`; the other processes of a sharded model only take part in its forward passes)."""
     results, predictions = evaluate(model, tokenizer, questions, settings.scoring, method, settings.samples,
-                                    settings.seed, settings.eval_batch_size, settings.normalization, progress=True,
+                                    settings.seed, settings.eval_batch_size, settings.normalization, progress=write,
                                     truncate_left=settings.truncate_left)
     results = {"task": settings.task, "task_file": settings.eval_file, "split": EVALUATION_ROLE if settings.task else None,
                "model": settings.model, "limit_eval": settings.limit_eval, **description, **results}
-    write_outputs(directory, results, questions, predictions)
+    if write:
+        write_outputs(directory, results, questions, predictions)
     return results
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import load
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -88,11 +89,15 @@ def read_tensors(path: str | Path, expected: Mapping[str, torch.Tensor] | None =
 
 
 def read_torch_state(path: str | Path) -> Any:
-    """A `torch.save`d state (optimizer, scheduler, RNG) read with weights_only=True: tensors and plain values, no code."""
+    """A `torch.save`d state (optimizer, scheduler, RNG) read with weights_only=True: tensors and plain values, no code.
+
+    Read through accelerate's `load`, which also admits numpy arrays (its random-number-generator states hold
+    numpy's), still without running code from the file.
+    """
     path = Path(path)
     _require_file(path)
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = load(path, map_location="cpu")
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CorruptFileError(f"{path}: not a readable torch state ({reason})") from None

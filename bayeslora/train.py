@@ -9,8 +9,9 @@ where NLL comes from the shared scorer's per-choice logits, each forward uses
 one posterior draw (one dropout mask, ...) for all choices of its questions,
 and `w`, `divisor` come from `schedules.KLWeighting` (for Bayesian-LoRA the
 regulariser is KL / divisor, so the default is beta * KL / N_train).
-Gradients are averaged over processes (DDP), so the regulariser counts once
-per optimizer step whatever the number of processes.
+Gradients are averaged over processes (DDP; under FSDP2, which shards only the
+frozen base model, the loop averages the adapter's, see `sharding`), so the
+regulariser counts once per optimizer step whatever the number of processes.
 
 Model selection uses only the validation questions (never the evaluation
 split): the adapter of the epoch with the lowest validation NLL of the
@@ -50,6 +51,7 @@ from bayeslora.inducing import MEAN, InducingFactor, draw_weights
 from bayeslora.metrics import nll
 from bayeslora.predictive import predict
 from bayeslora.schedules import KLWeighting, lr_scheduler
+from bayeslora.sharding import average_gradients, is_sharded, prepare, prepared_once
 from bayeslora.tracking import scalars
 from bayeslora.train_settings import TrainSettings
 
@@ -86,7 +88,6 @@ def _diverged(model: nn.Module, output: Path, step: int, what: str) -> TrainingD
     kept = f"the last good checkpoint {last_good} is kept" if last_good else "no checkpoint had been written"
     return TrainingDiverged(f"optimizer step {step}: {what}{f' (module {module})' if module else ''}; {kept}; "
                             f"a smaller --lr or --max-grad-norm may help")
-
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -174,6 +175,9 @@ def fit(
     trains, the method's draws are that member's (it is selected on its own predictive).
     """
     members = list(method.members(model))
+    if len(members) > 1 and prepared_once(accelerator):
+        raise UsageError(f"{method.name} trains {len(members)} members in turn on one model, which "
+                         f"{accelerator.distributed_type.value} prepares once: train it on one process or under DDP")
     results = []
     for index, member in enumerate(members):
         folder = output if len(members) == 1 else output / f"member-{index}"
@@ -223,15 +227,14 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
     scheduler = lr_scheduler(optimizer, s.lr_schedule, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                              warmup_steps=s.warmup_steps, milestones=tuple(s.lr_milestones))
     kl = KLWeighting(s.kl_weighting, s.beta, s.kl_warmup, s.kl_warmup_unit, len(train_questions), steps_per_epoch)
-    model = accelerator.prepare_model(model)  # DDP across processes; the same module when there is one
+    model, optimizer = prepare(accelerator, model, optimizer, micro_batch, s.grad_accum, s.max_grad_norm)
 
-    state = {"step": 0, "processes": accelerator.num_processes, "best_step": None, "best_validation_nll": None,
-             "epochs_without_improvement": 0, "stopped_early": False, "validation_history": []}
+    state = {"step": 0, "processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
+             "best_step": None, "best_validation_nll": None, "epochs_without_improvement": 0, "stopped_early": False,
+             "validation_history": []}
     best_adapter = None
     if resume:
         state, best_adapter = load_checkpoint(output, accelerator, unwrapped, optimizer, scheduler)
-        if state["processes"] != accelerator.num_processes:
-            raise UsageError(f"the checkpoint was written by {state['processes']} processes, this run has {accelerator.num_processes}")
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
     log = _open_log(output / "train_log.jsonl", state["step"]) if accelerator.is_main_process else None
@@ -258,6 +261,8 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
                                                 steps_per_epoch, s, bf16, accelerator)
             except torch.linalg.LinAlgError:
                 raise _diverged(unwrapped, output, step + 1, "a Cholesky factorisation failed") from None
+            if is_sharded(accelerator):  # FSDP does not reduce the gradients of the adapter it leaves whole
+                average_gradients(parameters, accelerator)
             totals = accelerator.reduce(totals, reduction="mean")
             if not torch.isfinite(totals[0]):
                 raise _diverged(unwrapped, output, step + 1, f"the loss is {totals[0].item()}")
@@ -306,7 +311,7 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
             if epoch_end or state["step"] % s.checkpoint_every == 0 or _minutes_passed(last_checkpoint, s, accelerator):
                 if unusable_module(unwrapped) is not None:  # only good checkpoints are written
                     raise _diverged(unwrapped, output, state["step"], "the parameters can no longer be used")
-                save_checkpoint(output, accelerator, unwrapped, optimizer, scheduler, state, best_adapter)
+                save_checkpoint(output, accelerator, unwrapped, scheduler, state, best_adapter)
                 last_checkpoint = time.monotonic()
     finally:  # a fault ends the progress bar's line first, so the one-line report stands on its own
         bar.close()
@@ -337,7 +342,8 @@ def _accumulate_gradients(model, unwrapped: nn.Module, scorer, method, micro_bat
             regulariser = method.regulariser(unwrapped, kl.divisor, position, steps_per_epoch)
             if regulariser is not None:
                 loss = loss + weight * regulariser
-            accelerator.backward(loss / len(micro_batches))
+            accelerator.sync_gradients = last  # DeepSpeed's engine steps the optimizer at the last micro-batch
+            accelerator.backward(loss)  # divided by the accumulation steps (by DeepSpeed's engine under DeepSpeed)
         totals += torch.stack([loss.detach(), nll.detach(),
                                regulariser.detach() if regulariser is not None else torch.zeros((), device=totals.device)])
     return totals / len(micro_batches)

@@ -114,7 +114,7 @@ def uninterrupted(tmp_path_factory):
 KILLS = {
     "inside step 1, before any checkpoint": ({"kind": "step", "step": 1}, 1),
     "inside step 5": ({"kind": "step", "step": 5}, 5),
-    "writing a checkpoint's optimizer.pt": ({"kind": "checkpoint", "file": "optimizer.pt", "folder": ".tmp-step-000004"}, 4),
+    "writing a checkpoint's scheduler.pt": ({"kind": "checkpoint", "file": "scheduler.pt", "folder": ".tmp-step-000004"}, 4),
     "replacing checkpoints/latest": ({"kind": "checkpoint", "file": "latest", "folder": "checkpoints"}, 2),
     "writing the final adapter": ({"kind": "files", "file": "adapter_model.safetensors"}, STEPS),
     "writing the evaluation's results.json": ({"kind": "evaluate", "file": "results.json"}, STEPS),
