@@ -37,9 +37,10 @@ class BayesLoraConfig(LoraConfig):
     masked autoregressive flow of hidden width 16 with two residual blocks) with
     scales at which the posterior moves the model and its draws disagree
     (docs/method.md, "Defaults", has the measurements): prior_sd 1.0 (prior scale
-    prior_sd / sqrt(d_in), the authors' later setting), lambda initialised at its
-    cap 0.3 (the conditional KL pushes lambda up to its cap whatever the data, so
-    starting below it only wastes steps), q0 standard deviation initialised at 0.5
+    prior_sd / sqrt(d_in), the authors' later setting), lambda 1, where the
+    conditional posterior of W given U is the prior's and its KL is 0 (the conditional
+    KL pushes lambda up to its cap whatever the data, so a smaller cap only fixes the
+    noise by hand, and starting below it wastes steps), q0 standard deviation initialised at 0.5
     and capped at 1.0, the prior's own scale. `BayesLoraConfig.paper(...)` builds
     the published constants instead.
     """
@@ -51,8 +52,8 @@ class BayesLoraConfig(LoraConfig):
     inducing_rows: int = field(default=9, metadata={"help": "Rows m_r of each factor's inducing matrix."})
     inducing_cols: int = field(default=9, metadata={"help": "Columns m_c of each factor's inducing matrix."})
     prior_sd: float = field(default=1.0, metadata={"help": "Prior scale numerator: sigma_p = prior_sd / sqrt(d_in)."})
-    lambda_init: float = field(default=0.3, metadata={"help": "Initial conditional noise scale lambda."})
-    max_lambda: float = field(default=0.3, metadata={"help": "lambda is clamped at this value."})
+    lambda_init: float = field(default=1.0, metadata={"help": "Initial conditional noise scale lambda."})
+    max_lambda: float = field(default=1.0, metadata={"help": "lambda is clamped at this value."})
     sd_init: float = field(default=0.5, metadata={"help": "Initial standard deviation of q0 over the inducing matrix."})
     max_sd_u: float = field(default=1.0, metadata={"help": "q0's standard deviations are clamped at this value."})
     flow: bool = field(default=True, metadata={"help": "Push q0 through a row-wise masked autoregressive flow."})
