@@ -72,8 +72,6 @@ ROWS: dict[str, tuple[str, str, dict, dict]] = {
                                      {"lambda_init": 0.3, "max_lambda": 0.3, "bayesian_modules": ["q_proj", "lm_head"]},
                                      {"target_modules": ["q_proj", "v_proj", "lm_head"]}),
     "bayeslora_lambda_0.6": ("Bayesian-LoRA, lambda 0.6", "bayeslora", {"lambda_init": 0.6, "max_lambda": 0.6}, {}),
-    "bayeslora_lambda_1": ("Bayesian-LoRA, lambda 1 (the prior's conditional)", "bayeslora",
-                           {"lambda_init": 1.0, "max_lambda": 1.0}, {}),
     "bayeslora_all_bayesian_prior_sd_0.3": ("Bayesian-LoRA, v_proj Bayesian too, prior_sd 0.3, lambda 0.3", "bayeslora",
                                             {"bayesian_modules": ["q_proj", "v_proj"], "prior_sd": 0.3,
                                              "lambda_init": 0.3, "max_lambda": 0.3}, {}),
