@@ -215,7 +215,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 @pytest.mark.parametrize("scoring", ["letter", "cloze"])
 def test_bayesian_run_logs_kl_beta_posterior_state_and_lr(tmp_path, scoring):
-    method = get_method("bayeslora", inducing_rows=3, inducing_cols=3)
+    # lambda below 1, so that the conditional part of the KL is not 0
+    method = get_method("bayeslora", inducing_rows=3, inducing_cols=3, lambda_init=0.3, max_lambda=0.3)
     train, validation = split_validation(fixture_questions(24), 8, seed=0, limit=None)
     model = tiny_model(method)
     s = settings(tmp_path, epochs=1, kl_warmup=4, beta=0.5, lr_schedule="linear")
@@ -269,7 +270,8 @@ def test_bayeslora_dropout_at_evaluation_switches_lora_dropout_on_inside_draws_o
 
 def test_bayeslora_scales_move_at_their_own_learning_rate(tmp_path):
     """Adam's first step moves every parameter by about its group's lr: 10 x lr for lambda and the q0 sds."""
-    method = get_method("bayeslora", inducing_rows=3, inducing_cols=3, max_lambda=0.9, max_sd_u=0.9)
+    method = get_method("bayeslora", inducing_rows=3, inducing_cols=3, lambda_init=0.5, max_lambda=0.9,
+                        max_sd_u=0.9)
     train, validation = split_validation(fixture_questions(12), 4, seed=0, limit=None)
     model = tiny_model(method)
     factor = next(bayeslora.adapter.bayesian_factors(model))
