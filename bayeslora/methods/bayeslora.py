@@ -60,21 +60,22 @@ class BayesLora(Method):
         self.dropout_at_evaluation = dropout_at_evaluation
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        factors = list(bayeslora.adapter.bayesian_factors(model))
-        scales = {id(p) for factor in factors for p in (factor.u_sd_raw, factor.lambda_raw)}
-        means = {id(factor.u_mean) for factor in factors}
-        posterior = {id(p) for factor in factors for p in factor.parameters()} - scales - means
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in trainable if id(p) not in posterior | scales | means], "weight_decay": self.weight_decay},
-            {"params": [p for p in trainable if id(p) in posterior], "weight_decay": self.posterior_weight_decay},
-            {"params": [p for p in trainable if id(p) in means], "weight_decay": self.posterior_weight_decay,
-             "lr_scale": self.mean_lr},
+        groups = {
+            "plain": {"params": [], "weight_decay": self.weight_decay},
+            "posterior": {"params": [], "weight_decay": self.posterior_weight_decay},
+            "means": {"params": [], "weight_decay": self.posterior_weight_decay, "lr_scale": self.mean_lr},
             # lambda and the q0 sds: Adam moves a parameter by about lr per step, and these start far from
             # where the ELBO puts them; lr_scale multiplies the loop's learning rate for this group
-            {"params": [p for p in trainable if id(p) in scales], "weight_decay": self.posterior_weight_decay,
-             "lr_scale": self.scale_lr},
-        ]
+            "scales": {"params": [], "weight_decay": self.posterior_weight_decay, "lr_scale": self.scale_lr},
+        }
+        group_of = {}
+        for factor in bayeslora.adapter.bayesian_factors(model):
+            group_of.update({id(p): "posterior" for p in factor.parameters()})
+            group_of.update({id(factor.u_mean): "means", id(factor.u_sd_raw): "scales", id(factor.lambda_raw): "scales"})
+        for p in model.parameters():
+            if p.requires_grad:
+                groups[group_of.get(id(p), "plain")]["params"].append(p)
+        return list(groups.values())
 
     def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         settings = {key: lora[key] for key in LORA_KEYS if key in lora}
