@@ -5,11 +5,13 @@
 A *unit* (training task, method, seed) is the run `bayeslora train` does with the grid's training
 settings (`experiment.run_experiment`): flags, `--train-config` and preset are `train`'s settings,
 checked alike. The `--ood-from` task's units are also evaluated on each `--ood-tasks` test set. A
-post-hoc method (temperature, laplace, laplace_last, tfb) whose base method (map) is in the grid
-fits the base unit's adapter of the same task and seed instead of training one. Each unit runs in
+post-hoc method (temperature, laplace, laplace_last, tfb) fits its base method's (map's) unit of the
+same task and seed instead of training an adapter; the base method joins the grid when it is not
+listed, so a post-hoc unit is the same however the grid was split into runs. Each unit runs in
 its own process and writes DIR/runs/<task>/<method>/seed-<seed>/: a `train` run directory, plus
 eval/<ood task>/ and, last, cost.json. A rerun skips finished units and resumes the others; one with
-different settings in the same DIR is refused.
+different settings in the same DIR is refused. The tables cover every finished unit in DIR, also
+those of methods and seeds that earlier runs added.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +66,10 @@ class Grid:
         return unit if eval_task == train_task else unit / "eval" / eval_task
 
     def base_method(self, method: str) -> str | None:
-        """The method whose unit a post-hoc method's unit starts from, when the grid trains it."""
+        """The method whose unit a post-hoc method's unit starts from (always in the grid: `resolve_grid`)."""
         from bayeslora.methods import METHODS
 
-        return METHODS[method].post_hoc_of if METHODS[method].post_hoc_of in self.methods else None
+        return METHODS[method].post_hoc_of
 
     def units(self) -> list[tuple[str, str, int]]:
         """(task, method, seed) in running order: a post-hoc method after the method whose adapter it reuses."""
@@ -119,6 +121,8 @@ def resolve_grid(args: argparse.Namespace) -> Grid:
         raise UsageError("--ood-from and --ood-tasks go together: give both or neither")
     for name in methods:
         check_method_name(name, " in --methods")
+    bases = [METHODS[name].post_hoc_of for name in methods if METHODS[name].post_hoc_of]
+    methods = [*dict.fromkeys(base for base in bases if base not in methods), *methods]
     check_tasks(tasks, ("train", "test"), " in --tasks")
     if ood_from:
         check_tasks([ood_from], ("train",), " in --ood-from")
@@ -142,6 +146,22 @@ def resolve_grid(args: argparse.Namespace) -> Grid:
     grid = Grid(model, tasks, methods, seeds, ood_from, ood_tasks or [], train, method_options, Path(args.output))
     grid.settings(tasks[0], methods[0], seeds[0])  # every shared setting checked before anything is written
     return grid
+
+
+def with_finished_units(grid: Grid) -> Grid:
+    """`grid` widened to every method and seed with a finished unit in its directory, for the tables: a grid is
+    often run a method or a seed at a time, and its tables should be the same whichever run wrote them last."""
+    from bayeslora.presets import ALL_METHODS
+
+    found = set()
+    for task in grid.training_tasks():
+        for unit in (grid.output / "runs" / task).glob("*/seed-*"):
+            method, seed = unit.parent.name, unit.name.removeprefix("seed-")
+            if seed.isdigit() and unit_finished(grid, task, method, int(seed)):
+                found.add((method, int(seed)))
+    methods = {*grid.methods, *(method for method, _ in found)}
+    in_order = [method for method in ALL_METHODS if method in methods] + sorted(methods - set(ALL_METHODS))
+    return replace(grid, methods=in_order, seeds=sorted({*grid.seeds, *(seed for _, seed in found)}))
 
 
 def unit_finished(grid: Grid, task: str, method: str, seed: int) -> bool:
@@ -242,7 +262,7 @@ def _run_grid(grid: Grid) -> int:
             error = grid.unit_dir(task, method, seed) / "error.txt"
             reason = error.read_text().strip() if error.is_file() else f"exit code {process.exitcode}"
             failures.append(f"{task} / {method} / seed {seed}: {reason}")
-    write_tables(grid)
+    write_tables(with_finished_units(grid))
     print(f"wrote {grid.output / 'table.md'} and {grid.output / 'table.json'}")
     for failure in failures:
         print(f"failed: {failure}")

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 pytest.importorskip("bayeslora.train")
 pytest.importorskip("bayeslora.evaluate")
 
-from bayeslora.cli import main  # noqa: E402
-from bayeslora.compare import Grid  # noqa: E402
+from bayeslora.cli import build_parser, main  # noqa: E402
+from bayeslora.compare import Grid, resolve_grid, with_finished_units  # noqa: E402
 from bayeslora.presets import ALL_METHODS  # noqa: E402
 from bayeslora.report import collect, markdown_blocks  # noqa: E402
 
@@ -64,6 +64,29 @@ def test_tables_are_mean_and_sample_std_over_seeds_with_the_best_in_bold(tmp_pat
     assert "| mle | **55.0 ± 7.1** | 75.0 ± 7.1 | 65.0 ± 7.1 |" in lines
     assert "| blob | 50.0 ± 7.1 | **85.0 ± 7.1** | **67.5 ± 7.1** |" in lines
     assert "| blob | **5.0 ± 0.0** | **4.0 ± 0.0** | **4.5 ± 0.0** |" in lines  # ECE: lower is better
+
+
+def test_a_post_hoc_method_brings_its_base_method_into_the_grid(tmp_path):
+    args = build_parser().parse_args(["compare", "--preset", "smoke", "--methods", "temperature,mle,tfb",
+                                      "--output", str(tmp_path / "out")])
+    grid = resolve_grid(args)
+    assert grid.methods == ["map", "temperature", "mle", "tfb"]
+    assert [method for _, method, _ in grid.units()] == ["map", "mle", "temperature", "tfb"]
+    assert grid.settings("smoke_arith", "temperature", 1).adapter_from == str(grid.unit_dir("smoke_arith", "map", 1))
+
+
+def test_tables_cover_every_finished_unit_of_the_directory(tmp_path):
+    grid = Grid("m", ["a"], ["blob"], [2], "a", ["shift"], {"scoring": "cloze"}, {}, tmp_path)
+    for method, seed in (("blob", 2), ("mle", 1), ("bayeslora", 3), ("mle", 2)):
+        _fake_results(grid, "a", method, seed, 50.0, 10.0, 1.0)
+        (grid.unit_dir("a", method, seed) / "eval/shift").mkdir(parents=True)
+        (grid.unit_dir("a", method, seed) / "eval/shift/results.json").write_text("{}")
+        (grid.unit_dir("a", method, seed) / "cost.json").write_text("{}")
+    _fake_results(grid, "a", "map", 1, 50.0, 10.0, 1.0)  # unfinished: no cost.json, no shift evaluation
+    widened = with_finished_units(grid)
+    assert widened.methods == ["mle", "blob", "bayeslora"]  # the presets' order, whichever run came last
+    assert widened.seeds == [1, 2, 3]
+    assert (widened.output, widened.tasks, widened.train) == (grid.output, grid.tasks, grid.train)
 
 
 def test_smoke_preset_runs_every_method_and_a_rerun_reuses_every_unit(tmp_path, capsys):
