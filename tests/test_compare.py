@@ -1,7 +1,9 @@
 """`bayeslora compare`: bad input, the table arithmetic, and the smoke preset end to end (every method)."""
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ from bayeslora.cli import build_parser, main  # noqa: E402
 from bayeslora.compare import Grid, resolve_grid, with_finished_units  # noqa: E402
 from bayeslora.presets import ALL_METHODS  # noqa: E402
 from bayeslora.report import collect, markdown_blocks  # noqa: E402
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 def _fail(capsys, argv):
@@ -64,6 +69,19 @@ def test_tables_are_mean_and_sample_std_over_seeds_with_the_best_in_bold(tmp_pat
     assert "| mle | **55.0 ± 7.1** | 75.0 ± 7.1 | 65.0 ± 7.1 |" in lines
     assert "| blob | 50.0 ± 7.1 | **85.0 ± 7.1** | **67.5 ± 7.1** |" in lines
     assert "| blob | **5.0 ± 0.0** | **4.0 ± 0.0** | **4.5 ± 0.0** |" in lines  # ECE: lower is better
+
+
+def test_the_summary_script_reads_the_tables_mean_std_and_ratio_to_mle(tmp_path):
+    spec = importlib.util.spec_from_file_location("comparison_summary", SCRIPTS / "comparison_summary.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    grid = Grid("m", ["a"], ["mle", "blob"], [1, 2], None, [], {"scoring": "cloze"}, {}, tmp_path)
+    for seed, accuracy in ((1, 50.0), (2, 60.0)):
+        _fake_results(grid, "a", "mle", seed, accuracy, 20.0, 1.0)
+    _fake_results(grid, "a", "blob", 1, 70.0, 5.0, 0.5)
+    lines = script.summary({"in_distribution": collect(grid, {"a": "a"}, ["a"])})
+    assert lines[2] == "| mle | 2 | 55.0 ± 7.1 | 20.0 ± 0.0 | 1.000 ± 0.000 | – | 1.00 | – |"
+    assert lines[3] == "| blob | 1 | 70.0 | 5.0 | 0.500 | – | 0.25 | – |"
 
 
 def test_a_post_hoc_method_brings_its_base_method_into_the_grid(tmp_path):
