@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
@@ -149,6 +150,17 @@ def write_outputs(
     title = f"{source} ({results['scoring']} scoring, {results['n_samples']} draw(s))"
     save_reliability_diagram(predictions.probs, predictions.answers, directory / "reliability.png", title)
     write_atomically(directory / "results.json", json.dumps(results, indent=2) + "\n")
+
+
+def read_predictions(paths: Sequence[str | Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled (probabilities [N, C], gold answers [N]) of predictions.jsonl files; questions with fewer
+    choices are padded with probability 0, as the metrics expect."""
+    rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines()]
+    if not rows:
+        raise UsageError(f"no predictions in {', '.join(map(str, paths))}")
+    width = max(len(row["probabilities"]) for row in rows)
+    probs = torch.tensor([row["probabilities"] + [0.0] * (width - len(row["probabilities"])) for row in rows])
+    return probs, torch.tensor([row["gold"] for row in rows])
 
 
 #: scoring settings of a plain evaluation; a run folder's own evaluation settings replace them

@@ -164,25 +164,19 @@ def header(grid) -> list[str]:
 
 
 def write_reliability_diagrams(grid, train_task_of: dict[str, str]) -> None:
-    import torch
-
+    from bayeslora.evaluate import read_predictions
     from bayeslora.plots import save_reliability_diagram
 
     for eval_task, train_task in train_task_of.items():
         for method in grid.methods:
-            rows = []
-            for seed in grid.seeds:
-                path = grid.results_dir(train_task, eval_task, method, seed) / "predictions.jsonl"
-                if path.is_file():
-                    rows += [json.loads(line) for line in path.read_text().splitlines()]
-            if not rows:
+            paths = [path for seed in grid.seeds
+                     if (path := grid.results_dir(train_task, eval_task, method, seed) / "predictions.jsonl").is_file()]
+            if not paths:
                 continue
-            width = max(len(row["probabilities"]) for row in rows)
-            probs = torch.tensor([row["probabilities"] + [0.0] * (width - len(row["probabilities"])) for row in rows])
-            labels = torch.tensor([row["gold"] for row in rows])
+            probs, labels = read_predictions(paths)
             target = grid.output / "reliability" / (eval_task if train_task == eval_task else f"{train_task}-to-{eval_task}")
             target.mkdir(parents=True, exist_ok=True)
-            title = f"{method} on {eval_task} (trained on {train_task}), {len(grid.seeds)} seed(s) pooled"
+            title = f"{method} on {eval_task} (trained on {train_task}), {len(paths)} seed(s) pooled"
             save_reliability_diagram(probs, labels, target / f"{method}.png", title)
 
 
