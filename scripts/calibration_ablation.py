@@ -8,10 +8,12 @@
 Each row is one `bayeslora train` run with the preset's training settings (SmolLM2-135M, ARC-Easy cloze,
 200 training questions x 10 epochs, lr 1e-3, the last epoch kept, 500 test questions) plus the row's
 changes, written to docs/results/calibration-smollm2/ablation/<row>/ (only its small result files are
-committed); the rows `lora` and `bayeslora` are the seed-1 units of the preset's grid (grid/), run by
+committed), then scored with the same adapter on the preset's out-of-distribution sets (<row>/eval/<task>/,
+`bayeslora evaluate`); the rows `lora` and `bayeslora` are the seed-1 units of the preset's grid (grid/), run by
 `bayeslora compare` rather than twice. A finished row (results.json) is skipped and an interrupted one resumes from its
 checkpoint, so the script can be rerun across sessions. The table (ablation.md next to the runs) has
-ACC, ECE, NLL, the mean mutual information (also over wrong and right answers) and training seconds.
+ACC, ECE, NLL, the mean mutual information (also over wrong and right answers), the means under shift
+and training seconds.
 
 `--probe` runs the same rows at a third of the cost, for trying variants before a full run: 96 training
 questions x 8 epochs, 50 validation and 150 test questions, every row (`lora` and `bayeslora` included)
@@ -38,6 +40,8 @@ PRESET = PRESETS["calibration"]
 #: the probe size (`--probe`); short runs write no intermediate checkpoint
 PROBE = {"limit_train": 96, "epochs": 8, "limit_validation": 50, "limit_eval": 150, "checkpoint_every": 1000}
 RELEASED_AIDS = {"label_smoothing": {"label_smoothing": 0.05}, "entropy_bonus": {"entropy_bonus": 0.05}}
+#: the released code's LoRA targets, for every method of a row that sets them
+RELEASED_TARGETS = {"target_modules": ["q_proj", "v_proj", "lm_head"]}
 
 #: row -> (what it is, method, method options, training settings changed from the preset's)
 ROWS: dict[str, tuple[str, str, dict, dict]] = {
@@ -65,15 +69,19 @@ ROWS: dict[str, tuple[str, str, dict, dict]] = {
                                {"posterior_weight_decay": 0.01}, {}),
     # variants tried while looking for a posterior that carries the fit (docs/results/calibration-smollm2.md)
     "bayeslora_lm_head": ("Bayesian-LoRA, lm_head a Bayesian target too (the released targets)", "bayeslora",
-                          {"bayesian_modules": ["q_proj", "lm_head"]}, {"target_modules": ["q_proj", "v_proj", "lm_head"]}),
+                          {"bayesian_modules": ["q_proj", "lm_head"]}, RELEASED_TARGETS),
+    "lora_lm_head": ("plain LoRA (mle) with lm_head a target too (the released targets)", "mle", {}, RELEASED_TARGETS),
+    # a post-hoc row names the row whose trained adapter it fits (`adapter_from`)
+    "temperature_lm_head": ("temperature scaling of `lora_lm_head`'s adapter (fitted on the validation questions)",
+                            "temperature", {}, {**RELEASED_TARGETS, "adapter_from": "lora_lm_head"}),
     "bayeslora_lambda_0.3": ("Bayesian-LoRA, lambda 0.3 (the previous default)", "bayeslora",
                              {"lambda_init": 0.3, "max_lambda": 0.3}, {}),
     "bayeslora_lambda_0.3_lm_head": ("Bayesian-LoRA, lambda 0.3, lm_head a Bayesian target too", "bayeslora",
                                      {"lambda_init": 0.3, "max_lambda": 0.3, "bayesian_modules": ["q_proj", "lm_head"]},
-                                     {"target_modules": ["q_proj", "v_proj", "lm_head"]}),
+                                     RELEASED_TARGETS),
     "bayeslora_lambda_0.6_lm_head": ("Bayesian-LoRA, lambda 0.6, lm_head a Bayesian target too", "bayeslora",
                                      {"lambda_init": 0.6, "max_lambda": 0.6, "bayesian_modules": ["q_proj", "lm_head"]},
-                                     {"target_modules": ["q_proj", "v_proj", "lm_head"]}),
+                                     RELEASED_TARGETS),
     "bayeslora_lambda_0.6": ("Bayesian-LoRA, lambda 0.6", "bayeslora", {"lambda_init": 0.6, "max_lambda": 0.6}, {}),
     "bayeslora_all_bayesian_prior_sd_0.3": ("Bayesian-LoRA, v_proj Bayesian too, prior_sd 0.3, lambda 0.3", "bayeslora",
                                             {"bayesian_modules": ["q_proj", "v_proj"], "prior_sd": 0.3,
@@ -98,6 +106,8 @@ def row_dir(row: str, probe: bool) -> Path:
 
 def settings(row: str, probe: bool) -> dict:
     _, method, options, changes = ROWS[row]
+    if "adapter_from" in changes:
+        changes = {**changes, "adapter_from": str(row_dir(changes["adapter_from"], probe))}
     return {**PRESET["train"], **(PROBE if probe else {}), "model": PRESET["model"], "task": PRESET["tasks"][0],
             "method": method, "method_options": options, "seed": PRESET["seeds"][0], "zero_shot": False, **changes}
 
@@ -106,7 +116,13 @@ def run_row(row: str, probe: bool) -> None:
     output = row_dir(row, probe)
     if (output / "results.json").is_file():
         print(f"{row}: finished earlier, reused", flush=True)
-        return
+    else:
+        train_row(row, probe, output)
+    if not probe:
+        evaluate_under_shift(row, output)
+
+
+def train_row(row: str, probe: bool, output: Path) -> None:
     if row in GRID_UNITS and not probe:
         command = [sys.executable, "-m", "bayeslora", "compare", "--preset", "calibration", "--methods",
                    GRID_UNITS[row], "--seeds", str(PRESET["seeds"][0]), "--output", str(GRID)]
@@ -122,16 +138,34 @@ def run_row(row: str, probe: bool) -> None:
         subprocess.run(command, check=True)
 
 
+def evaluate_under_shift(row: str, output: Path) -> None:
+    """The preset's out-of-distribution test sets, scored with the row's trained adapter (as the grid's units are)."""
+    for task in PRESET["ood_tasks"]:
+        target = output / "eval" / task
+        if (target / "results.json").is_file():
+            continue
+        command = [sys.executable, "-m", "bayeslora", "evaluate", "--adapter", str(output), "--task", task,
+                   "--limit", str(PRESET["train"]["limit_eval"]), "--output", str(target), "--overwrite"]
+        print(f"{row}: {' '.join(command[1:])}", flush=True)
+        subprocess.run(command, check=True)
+
+
 def row_summary(row: str, probe: bool) -> dict | None:
     output = row_dir(row, probe)
     if not (output / "results.json").is_file():
         return None
     results = json.loads((output / "results.json").read_text())
     training = json.loads((output / "training.json").read_text())
+    shifted = [output / "eval" / task / "results.json" for task in PRESET["ood_tasks"]]
+    shift = {}
+    if all(path.is_file() for path in shifted):  # the mean over the out-of-distribution sets, as compare's tables
+        values = [json.loads(path.read_text()) for path in shifted]
+        shift = {f"shift_{key}": sum(v[key] for v in values) / len(values)
+                 for key in ("accuracy_percent", "ece_percent", "nll", "mutual_information")}
     return {"row": row, "description": ROWS[row][0], **{key: results.get(key) for key in (
         "accuracy_percent", "ece_percent", "nll", "mutual_information", "mutual_information_wrong",
         "mutual_information_right", "n_examples", "n_samples")},
-        "train_seconds": training.get("train_seconds")}
+        "train_seconds": training.get("train_seconds"), **shift}
 
 
 def write_table(rows: list[str], probe: bool) -> Path:
@@ -140,13 +174,17 @@ def write_table(rows: list[str], probe: bool) -> Path:
     def number(value, fmt: str) -> str:
         return "–" if value is None else format(value, fmt)
 
-    lines = ["| row | ACC (%) | ECE (%) | NLL (nats) | MI (nats) | MI wrong / right | training (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    shift = "" if probe else " shift: ACC / ECE / NLL / MI |"
+    lines = ["| row | ACC (%) | ECE (%) | NLL (nats) | MI (nats) | MI wrong / right |" + shift + " training (s) |",
+             "|---|---:|---:|---:|---:|---:|" + ("" if probe else "---:|") + "---:|"]
     for s in summaries:
+        shifted = "" if probe else (" – |" if "shift_ece_percent" not in s else
+                                    f" {s['shift_accuracy_percent']:.1f} / {s['shift_ece_percent']:.1f} / "
+                                    f"{s['shift_nll']:.3f} / {number(s['shift_mutual_information'], '.2g')} |")
         lines.append(f"| {s['description']} (`{s['row']}`) | {number(s['accuracy_percent'], '.1f')} | "
                      f"{number(s['ece_percent'], '.1f')} | {number(s['nll'], '.3f')} | "
                      f"{number(s['mutual_information'], '.2g')} | {number(s['mutual_information_wrong'], '.2g')} / "
-                     f"{number(s['mutual_information_right'], '.2g')} | {number(s['train_seconds'], '.0f')} |")
+                     f"{number(s['mutual_information_right'], '.2g')} |{shifted} {number(s['train_seconds'], '.0f')} |")
     target = root(probe) / "ablation.md"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(target, "\n".join(lines) + "\n")
