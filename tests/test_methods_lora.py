@@ -98,7 +98,7 @@ def test_bayeslora_decays_plain_lora_factors_only():
     assert {g["weight_decay"] for g in asked.parameter_groups(asked.prepare(make_tiny_llama(0), dict(LORA)))} >= {0.03}
 
 
-def test_bayeslora_keeps_a_plain_lora_path_next_to_a_bayesian_q_proj_by_default():
+def test_bayeslora_keeps_a_plain_lora_path_next_to_bayesian_q_proj_and_lm_head_by_default():
     from bayeslora.inducing import InducingFactor
 
     def bayesian_targets(model):
@@ -108,6 +108,8 @@ def test_bayeslora_keeps_a_plain_lora_path_next_to_a_bayesian_q_proj_by_default(
     assert bayesian_targets(method.prepare(make_tiny_llama(0), dict(LORA))) == ["q_proj"]
     only_v = {**LORA, "target_modules": ["v_proj"]}
     assert bayesian_targets(method.prepare(make_tiny_llama(0), only_v)) == ["v_proj"]
+    released = {**LORA, "target_modules": ["q_proj", "v_proj", "lm_head"]}  # the released code's targets
+    assert bayesian_targets(method.prepare(make_tiny_llama(0), released)) == ["lm_head", "q_proj"]
     both = get_method("bayeslora", bayesian_modules=["q_proj", "v_proj"])
     assert bayesian_targets(both.prepare(make_tiny_llama(0), dict(LORA))) == ["q_proj", "v_proj"]
 

@@ -38,10 +38,10 @@ from bayeslora.methods.mcdropout import active_lora_dropout
 CONSTANTS = {"default": bayeslora.BayesLoraConfig, "paper": bayeslora.BayesLoraConfig.paper}
 
 
-#: without `bayesian_modules`, only this target is Bayesian when it is a target and the others keep plain
-#: LoRA factors, as in the released code (q_proj Bayesian, v_proj plain); every target Bayesian is the
-#: ablation row `bayeslora_all_bayesian` (docs/method.md, "Defaults")
-DEFAULT_BAYESIAN_TARGET = "q_proj"
+#: without `bayesian_modules`, those of these that are targets are Bayesian and the other targets keep plain
+#: LoRA factors, as in the released code (q_proj and lm_head Bayesian, v_proj plain); every target Bayesian
+#: is the ablation row `bayeslora_all_bayesian` (docs/method.md, "Defaults")
+DEFAULT_BAYESIAN_TARGETS = ("q_proj", "lm_head")
 
 
 @register_method
@@ -80,8 +80,9 @@ class BayesLora(Method):
     def prepare(self, model: nn.Module, lora: dict[str, Any]) -> nn.Module:
         settings = {key: lora[key] for key in LORA_KEYS if key in lora}
         options = dict(self.options)
-        if "bayesian_modules" not in options and DEFAULT_BAYESIAN_TARGET in settings.get("target_modules", ()):
-            options["bayesian_modules"] = [DEFAULT_BAYESIAN_TARGET]
+        targeted = [name for name in DEFAULT_BAYESIAN_TARGETS if name in settings.get("target_modules", ())]
+        if "bayesian_modules" not in options and targeted:
+            options["bayesian_modules"] = targeted
         return bayeslora.get_bayeslora_model(model, CONSTANTS[self.constants](**settings, **options))
 
     def regulariser(
