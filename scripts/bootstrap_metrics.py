@@ -8,8 +8,8 @@ their bootstrap standard errors over questions (resampled with replacement).
 Each argument is an evaluation folder (one holding predictions.jsonl) or a predictions.jsonl file.
 With one seed per method this is the only error bar there is. `--reference` adds, per evaluation,
 its difference to the reference evaluation of the same questions, with the standard error of that
-difference over the same resampled question sets (a paired bootstrap: tighter than comparing two
-separate error bars, since both are scored on the same questions).
+difference over the same resampled question sets (a paired bootstrap: it keeps whatever correlation
+the two evaluations have on the same questions, which two separate error bars ignore).
 """
 
 from __future__ import annotations
@@ -70,9 +70,8 @@ def main() -> None:
             if not torch.equal(labels, reference[1]) or probs.shape != reference[0].shape:
                 parser.error(f"{evaluation} and --reference {args.reference} are not scored on the same questions")
             statistics.append(bootstrap(probs, labels, args.resamples, args.seed, reference[0]))
-        cells = [f"{stats[key][0]:+.{digits}f} ± {stats[key][1]:.{digits}f}" if stats is not statistics[0]
-                 else f"{stats[key][0]:.{digits}f} ± {stats[key][1]:.{digits}f}"
-                 for stats in statistics for key, _, digits in SHOWN]
+        cells = [f"{stats[key][0]:{sign}.{digits}f} ± {stats[key][1]:.{digits}f}"  # differences carry their sign
+                 for sign, stats in zip(("", "+"), statistics) for key, _, digits in SHOWN]
         print(f"| {evaluation} | {len(labels)} | " + " | ".join(cells) + " |")
 
 
