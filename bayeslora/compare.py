@@ -10,8 +10,10 @@ same task and seed instead of training an adapter; the base method joins the gri
 listed, so a post-hoc unit is the same however the grid was split into runs. Each unit runs in
 its own process and writes DIR/runs/<task>/<method>/seed-<seed>/: a `train` run directory, plus
 eval/<ood task>/ and, last, cost.json. A rerun skips finished units and resumes the others; one with
-different settings in the same DIR is refused. The tables cover every finished unit in DIR, also
-those of methods and seeds that earlier runs added.
+different settings in the same DIR is refused. Several compares may share DIR (say `--methods mle` and
+`--methods bayeslora` on two cores or GPUs): each unit's run folder is locked by the process running it and
+the others leave it alone, so each process runs the units no other is running. The tables cover every
+finished unit in DIR, also those of methods and seeds that earlier or concurrent runs added.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bayeslora.errors import UsageError
+from bayeslora.errors import OutputInUseError, UsageError
 from bayeslora.files import write_atomically
 from bayeslora.output_dir import check_not_in_use, end_with_parent, holds_files, output_lock, remove_stale_temporaries
 from bayeslora.presets import PRESETS
@@ -35,6 +38,8 @@ from bayeslora.train_settings import LOADING_SETTINGS, NOT_IDENTITY, TrainSettin
 SETTING_FLAGS = (*LOADING_SETTINGS, "scoring", "samples", "epochs", "max_steps", "batch_size", "lr", "limit_train",
                  "limit_validation", "limit_eval", "eval_batch_size", "report_to")
 DEFAULTS = {"scoring": "cloze", "zero_shot": False}  # SmolLM2-135M is at chance with letters; the base is no unit
+#: a unit process's exit status when another process holds its run folder
+UNIT_IN_USE = 75
 #: settings each unit sets itself
 OWNED = dict.fromkeys(("model", "task", "task_file", "eval_file", "method", "method_options", "output", "seed", "adapter_from"))
 
@@ -178,6 +183,10 @@ def run_unit(grid: Grid, task: str, method: str, seed: int) -> None:
     from bayeslora.report import write_cost
 
     end_with_parent()  # no unit keeps writing unsupervised once compare is gone (SIGKILL included)
+    # a forked child rebuilds torch's CPU thread pool on its first use; do it here, on one thread, before the
+    # model loader's worker threads reach it together (they raced: "Invalid thread pool!", when the parent had
+    # used torch before forking, as a test session does)
+    torch.set_num_threads(torch.get_num_threads())
     directory = grid.unit_dir(task, method, seed)
     (directory / "error.txt").unlink(missing_ok=True)
     try:
@@ -187,6 +196,8 @@ def run_unit(grid: Grid, task: str, method: str, seed: int) -> None:
         ood = [name for name in grid.eval_tasks(task) if name != task]
         run = run_experiment(grid.settings(task, method, seed), ood, resume=resume, overwrite=not resume)
         write_cost(directory, run, {task: run.evaluation, **run.extra_evaluations})
+    except OutputInUseError:  # another compare took the unit since the parent looked: it is that one's
+        sys.exit(UNIT_IN_USE)
     except BaseException as error:
         directory.mkdir(parents=True, exist_ok=True)
         write_atomically(directory / "error.txt", f"{type(error).__name__}: {error}\n")
@@ -227,28 +238,44 @@ def check_output(grid: Grid) -> None:
 
 def run(args: argparse.Namespace) -> int:
     grid = resolve_grid(args)
-    check_not_in_use(grid.output)
     check_output(grid)
-    with output_lock(grid.output):  # one compare per directory: a second one refuses instead of mixing units
+    # DIR's own files (grid.json, the tables) are written under its lock, taken in turn by concurrent compares;
+    # the units' run folders (runs/) have locks of their own
+    with output_lock(grid.output, wait=True):
         check_output(grid)
-        remove_stale_temporaries(grid.output)
-        return _run_grid(grid)
+        remove_stale_temporaries(grid.output, exclude=("runs",))
+        write_atomically(grid.output / "grid.json", json.dumps({"identity": grid.identity()}, indent=2) + "\n")
+    return _run_grid(grid)
 
 
 def _run_grid(grid: Grid) -> int:
-    """Every unit not finished yet, each in its own process, then the tables; `run` holds the directory's lock."""
+    """Every unit not finished yet and not running in another process, each in its own process, then the tables."""
     from bayeslora.report import write_tables
 
-    write_atomically(grid.output / "grid.json", json.dumps({"identity": grid.identity()}, indent=2) + "\n")
     units = grid.units()
     # fork where the platform has it: no torch re-import per unit, and the parent ran no torch computation
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    failures = []
+    failures, elsewhere = [], []
+    running_elsewhere = "running in another process, which writes the tables again"
     for index, (task, method, seed) in enumerate(units, 1):
+        unit = f"[{index}/{len(units)}] {task} / {method} / seed {seed}"
         if unit_finished(grid, task, method, seed):
-            print(f"[{index}/{len(units)}] {task} / {method} / seed {seed}: finished earlier, reused", flush=True)
+            print(f"{unit}: finished earlier, reused", flush=True)
             continue
-        print(f"[{index}/{len(units)}] {task} / {method} / seed {seed}", flush=True)
+        base = grid.base_method(method)
+        if base and not unit_finished(grid, task, base, seed):
+            if _in_use(grid.unit_dir(task, base, seed)):
+                elsewhere.append(f"{task} / {method} / seed {seed}: rerun once {base}'s unit, running in another "
+                                 f"process, has finished")
+            else:
+                failures.append(f"{task} / {method} / seed {seed}: its base unit ({base}) did not finish")
+            print(f"{unit}: its base unit ({base}) is not finished, left for a rerun", flush=True)
+            continue
+        if _in_use(grid.unit_dir(task, method, seed)):
+            elsewhere.append(f"{task} / {method} / seed {seed}: {running_elsewhere}")
+            print(f"{unit}: running in another process, left to it", flush=True)
+            continue
+        print(unit, flush=True)
         process = context.Process(target=run_unit, args=(grid, task, method, seed))
         process.start()
         try:
@@ -258,12 +285,25 @@ def _run_grid(grid: Grid) -> int:
             process.join()
             print("interrupted: finished units are kept; rerun the same command to continue", flush=True)
             return 130
-        if process.exitcode != 0:
+        if process.exitcode == UNIT_IN_USE:
+            elsewhere.append(f"{task} / {method} / seed {seed}: {running_elsewhere}")
+        elif process.exitcode != 0:
             error = grid.unit_dir(task, method, seed) / "error.txt"
             reason = error.read_text().strip() if error.is_file() else f"exit code {process.exitcode}"
             failures.append(f"{task} / {method} / seed {seed}: {reason}")
-    write_tables(with_finished_units(grid))
+    with output_lock(grid.output, wait=True):
+        write_tables(with_finished_units(grid))
     print(f"wrote {grid.output / 'table.md'} and {grid.output / 'table.json'}")
+    for unit in elsewhere:
+        print(f"not run here: {unit}")
     for failure in failures:
         print(f"failed: {failure}")
     return 1 if failures else 0
+
+
+def _in_use(directory: Path) -> bool:
+    try:
+        check_not_in_use(directory)
+    except OutputInUseError:
+        return True
+    return False

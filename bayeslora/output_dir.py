@@ -5,6 +5,7 @@
     with output_lock(output):              # a second writer refuses in one line instead of interleaving
         remove_stale_temporaries(output)   # what an interrupted write left behind
         ...
+    with output_lock(output, wait=True):   # ... or waits its turn, for a short write shared by several processes
 
 The lock is an advisory `flock` on `output/.lock` (POSIX; the standard library's
 `fcntl`): the operating system releases it when its process ends, however it
@@ -43,11 +44,12 @@ def _in_use(output: Path) -> OutputInUseError:
 
 
 @contextmanager
-def _locked(output: Path) -> Iterator[None]:
-    """An exclusive `flock` on the lock file, held inside the block; refused at once if another one holds it."""
+def _locked(output: Path, wait: bool = False) -> Iterator[None]:
+    """An exclusive `flock` on the lock file, held inside the block; if another one holds it, refused at once
+    (or, `wait`, once it is released)."""
     with open(output / LOCK_FILE, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise _in_use(output) from None
         yield  # the lock ends when the file is closed, or when the process ends, however it ends
@@ -76,14 +78,15 @@ def holds_files(output: Path) -> bool:
 
 
 @contextmanager
-def output_lock(output: Path) -> Iterator[None]:
-    """Hold the lock of `output` (created if needed) inside the block; `OutputInUseError` if another process has it.
+def output_lock(output: Path, wait: bool = False) -> Iterator[None]:
+    """Hold the lock of `output` (created if needed) inside the block; `OutputInUseError` if another process has it,
+    or, `wait`, block until it is released (for short sections that several processes take in turn).
 
     A folder this call created and the block left empty (it failed before writing) is removed again.
     """
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    with _locked(output):
+    with _locked(output, wait):
         try:
             yield
         finally:
@@ -93,14 +96,17 @@ def output_lock(output: Path) -> Iterator[None]:
                     output.rmdir()
 
 
-def remove_stale_temporaries(output: Path) -> list[Path]:
-    """Delete what interrupted writes left in `output` and its subfolders; returns what was removed.
+def remove_stale_temporaries(output: Path, exclude: tuple[str, ...] = ()) -> list[Path]:
+    """Delete what interrupted writes left in `output` and its subfolders, except the subfolders named in
+    `exclude` (folders with locks of their own); returns what was removed.
 
     Every file bayeslora writes is first written under a name starting with "." (a staging file or
     folder) and renamed into place; call this only while holding the folder's lock.
     """
     removed = []
     for path in sorted(output.rglob(".*")):
+        if path.relative_to(output).parts[0] in exclude:
+            continue
         if path.name == LOCK_FILE or not (path.exists() or path.is_symlink()):
             continue
         if path.is_dir() and not path.is_symlink():

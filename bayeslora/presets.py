@@ -31,7 +31,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # plain LoRA over-fits and is over-confident here: 200 ARC-Easy questions x 10 epochs, no model selection
     # (the last epoch is kept), scored on 500 test questions and, without retraining, on ARC-Challenge and two
-    # MMLU groups; post-hoc methods fit map's adapter (docs/results/calibration-smollm2.md)
+    # MMLU groups; post-hoc methods fit map's adapter (docs/results/calibration-smollm2.md). Every method adapts
+    # the published LoRA targets, q_proj, v_proj and lm_head (METHOD.md section 3).
     "calibration": {
         "model": "smollm2-135m",
         "tasks": ["arc_easy"],
@@ -41,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ood_tasks": ["arc_challenge", "mmlu_chem", "mmlu_phys"],
         "train": {"scoring": "cloze", "limit_train": 200, "epochs": 10, "batch_size": 8, "lr": 1e-3,
                   "select_epoch": "last", "limit_validation": 100, "limit_eval": 500, "precision": "fp32",
-                  "checkpoint_every": 25},
+                  "checkpoint_every": 25, "target_modules": ["q_proj", "v_proj", "lm_head"]},
     },
     "paper": {
         "tasks": list(PAPER_TASKS),
@@ -50,6 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ood_from": "openbookqa",
         "ood_tasks": ["arc_challenge", "arc_easy", "mmlu_chem", "mmlu_phys"],
         # the released LLaMA-2-7B settings (METHOD.md section 4); lr is per task there, 5e-4 here
-        "train": {"epochs": 6, "batch_size": 6, "lr": 5e-4, "lr_schedule": "multistep", "lr_milestones": [2, 4]},
+        "train": {"epochs": 6, "batch_size": 6, "lr": 5e-4, "lr_schedule": "multistep", "lr_milestones": [2, 4],
+                  "target_modules": ["q_proj", "v_proj", "lm_head"]},
     },
 }

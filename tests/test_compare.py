@@ -15,6 +15,7 @@ pytest.importorskip("bayeslora.evaluate")
 
 from bayeslora.cli import build_parser, main  # noqa: E402
 from bayeslora.compare import Grid, resolve_grid, with_finished_units  # noqa: E402
+from bayeslora.output_dir import output_lock  # noqa: E402
 from bayeslora.presets import ALL_METHODS  # noqa: E402
 from bayeslora.report import collect, markdown_blocks  # noqa: E402
 
@@ -155,3 +156,51 @@ def test_smoke_preset_runs_every_method_and_a_rerun_reuses_every_unit(tmp_path, 
         assert "holds a comparison with samples = 2, not 3" in message
     finally:
         torch.set_num_threads(threads)
+
+
+def _record_grid(command: list[str]) -> None:
+    """DIR/grid.json as a compare of `command` writes it when it starts."""
+    grid = resolve_grid(build_parser().parse_args(command))
+    grid.output.mkdir(parents=True)
+    (grid.output / "grid.json").write_text(json.dumps({"identity": grid.identity()}))
+
+
+def test_units_held_by_another_process_are_left_to_it_and_the_rest_of_the_grid_runs(tmp_path, capsys):
+    """Two compares may share a directory: a unit whose run folder is locked (being run elsewhere) is skipped,
+    and so is a post-hoc unit whose base unit is; a rerun after the other process ends completes the grid."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    output = tmp_path / "shared"
+    command = ["compare", "--preset", "smoke", "--methods", "mle,temperature", "--output", str(output)]
+    runs = output / "runs/smoke_arith"
+    try:
+        _record_grid(command)  # another compare of this grid started and is running map's unit
+        with output_lock(runs / "map/seed-1"):
+            assert main(command) == 0
+        printed = capsys.readouterr().out
+        assert "smoke_arith / map / seed 1: running in another process, left to it" in printed
+        assert "smoke_arith / temperature / seed 1: its base unit (map) is not finished" in printed
+        assert "not run here: smoke_arith / temperature / seed 1: rerun once map's unit" in printed
+        assert (runs / "mle/seed-1/cost.json").is_file()
+        assert not (runs / "map/seed-1/results.json").exists() and not (runs / "temperature/seed-1").exists()
+        accuracy = json.loads((output / "table.json").read_text())["in_distribution"]["accuracy_percent"]
+        assert accuracy["mle"] and not accuracy["map"] and not accuracy["temperature"]
+
+        assert main(command) == 0  # the other process is gone: its units run here
+        assert capsys.readouterr().out.count("finished earlier, reused") == 1
+        accuracy = json.loads((output / "table.json").read_text())["in_distribution"]["accuracy_percent"]
+        assert all(accuracy[method]["smoke_arith"]["n_seeds"] == 1 for method in ("mle", "map", "temperature"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_post_hoc_unit_whose_base_unit_failed_is_a_failure_not_a_silent_skip(tmp_path, capsys):
+    output = tmp_path / "failed-base"
+    command = ["compare", "--preset", "smoke", "--methods", "temperature", "--output", str(output)]
+    _record_grid(command)
+    blocker = output / "runs/smoke_arith/map/seed-1"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a run folder")  # map's unit cannot be written
+    assert main(command) == 1
+    printed = capsys.readouterr().out
+    assert "failed: smoke_arith / temperature / seed 1: its base unit (map) did not finish" in printed
