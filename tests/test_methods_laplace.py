@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bayeslora.methods import get_method
-from bayeslora.methods.laplace import KroneckerPosterior, kfac_factors, lora_weight_modules
+from bayeslora.methods.laplace import KroneckerPosterior, LowRankCurvature, kfac_factors, lora_weight_modules
 from tests._methods_support import CHOICE_TOKENS, LORA, choice_logits, draw_logits, fit, toy_batches
 from tests.conftest import make_tiny_llama
 
@@ -52,6 +52,64 @@ def test_kronecker_posterior_samples_have_the_inverse_precision_as_covariance():
     samples = torch.stack([posterior.sample(tau, generator).flatten() for _ in range(40000)])
     covariance = torch.linalg.inv(torch.kron(g, a).double() + tau * torch.eye(6, dtype=torch.float64))
     assert torch.allclose(samples.T @ samples / len(samples), covariance, atol=0.03 * float(covariance.diag().max()))
+
+
+def test_low_rank_curvature_is_the_exact_sum_while_its_rank_suffices_and_the_leading_part_beyond():
+    torch.manual_seed(0)
+    rows = torch.randn(7, 12, dtype=torch.float64)
+    curvature = LowRankCurvature.empty(12, rank=7)
+    for chunk in (rows[:3], torch.zeros(2, 12, dtype=torch.float64), rows[3:]):  # zero rows carry nothing
+        curvature.add(chunk)
+    assert torch.allclose(curvature.basis @ torch.diag(curvature.eig) @ curvature.basis.T, rows.T @ rows)
+    assert torch.allclose(curvature.basis.T @ curvature.basis, torch.eye(7, dtype=torch.float64))
+    # rows from a 2-dimensional subspace, rank 2: still exact, whatever the number of rows
+    low = torch.randn(30, 2, dtype=torch.float64) @ torch.randn(2, 12, dtype=torch.float64)
+    truncated = LowRankCurvature.empty(12, rank=2)
+    for chunk in low.split(4):
+        truncated.add(chunk)
+    assert torch.allclose(truncated.basis @ torch.diag(truncated.eig) @ truncated.basis.T, low.T @ low)
+    assert torch.allclose((truncated * 3.0).eig, 3.0 * truncated.eig)
+
+
+def test_a_factor_above_the_dense_limit_is_kept_low_rank_and_equals_the_dense_one_at_full_rank():
+    model = get_method("laplace").prepare(make_tiny_llama(0), dict(LORA)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    modules = lora_weight_modules(model)
+    batches = toy_batches()[:2]
+    dense = kfac_factors(model, modules, batches, choice_logits)
+    widest = max(m.out_features for m in modules.values())
+    low_rank = kfac_factors(model, modules, batches, choice_logits, max_dense_factor=4, factor_rank=widest)
+    assert any(isinstance(g, LowRankCurvature) for _, g in low_rank.values())
+    for name, (a, g) in low_rank.items():
+        assert torch.equal(a, dense[name][0])
+        if isinstance(g, LowRankCurvature):
+            assert modules[name].out_features > 4
+            g = g.basis @ torch.diag(g.eig) @ g.basis.T
+        assert torch.allclose(g, dense[name][1], atol=1e-9 * float(dense[name][1].abs().max() + 1)), name
+
+
+def test_a_low_rank_output_factor_samples_the_prior_in_its_complement():
+    """Covariance of draws with G = u u^T given as a rank-1 `LowRankCurvature` in 3 rows: (G (x) A + tau I)^-1."""
+    torch.manual_seed(0)
+    a_root, u = torch.randn(2, 2, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
+    a, tau = a_root @ a_root.T, 0.5
+    curvature = LowRankCurvature.empty(3, rank=1)
+    curvature.add(u)
+    posterior = KroneckerPosterior.from_factors("w", torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64)), a,
+                                                curvature)
+    generator = torch.Generator().manual_seed(0)
+    samples = torch.stack([posterior.sample(tau, generator).flatten() for _ in range(40000)])
+    covariance = torch.linalg.inv(torch.kron(u.T @ u, a) + tau * torch.eye(6, dtype=torch.float64))
+    assert torch.allclose(samples.T @ samples / len(samples), covariance, atol=0.03 * float(covariance.diag().max()))
+
+
+@pytest.mark.parametrize("option", ["max_dense_factor", "factor_rank"])
+def test_factor_size_options_must_be_positive_integers(option):
+    with pytest.raises(ValueError, match=f"{option} must be a positive integer, got 0"):
+        get_method("laplace", **{option: 0})
 
 
 def test_fit_tunes_the_prior_on_validation_and_draws_are_held_seeded_samples(capsys):

@@ -18,6 +18,12 @@ Hessian, and v_c = sqrt(p_c) (e_c - p) its exact square-root columns
 that receive no gradient (padding) are left out of A. For one contributing
 row per matrix, G (x) A equals the dense GGN block (tested).
 
+A factor larger than `max_dense_factor` rows (G of lm_head's lora_B is vocabulary x vocabulary: 49,152^2
+doubles, 19 GB, on SmolLM2) is kept as its `factor_rank` leading eigenpairs instead, updated as the
+gradient rows arrive (`LowRankCurvature`, an incremental truncated eigendecomposition, the low-rank
+Kronecker factors of Laplace-LoRA's own code). The directions it drops carry no curvature: the posterior
+there is the prior, N(0, 1/tau), wider than the full factor's, never narrower.
+
 The prior precision tau is chosen on the held-out validation set: the value
 of a log grid (`prior_grid`, default 10^-2 .. 10^4) with the lowest validation
 NLL of the sampled predictive (`tune_samples` seeded draws).
@@ -69,16 +75,51 @@ class KroneckerPosterior:
     FITTED: ClassVar[tuple[str, ...]] = ("eig_a", "basis_a", "eig_g", "basis_g")
 
     @classmethod
-    def from_factors(cls, name: str, weight: nn.Parameter, a: torch.Tensor, g: torch.Tensor) -> "KroneckerPosterior":
+    def from_factors(cls, name: str, weight: nn.Parameter, a: torch.Tensor,
+                     g: "torch.Tensor | LowRankCurvature") -> "KroneckerPosterior":
         eig_a, basis_a = torch.linalg.eigh(a.double().cpu())  # kept on the CPU: small, and the sampler's generator is there
-        eig_g, basis_g = torch.linalg.eigh(g.double().cpu())
-        return cls(name, weight, eig_a.clamp_min(0), basis_a, eig_g.clamp_min(0), basis_g)
+        eig_g, basis_g = (g.eig, g.basis) if isinstance(g, LowRankCurvature) else torch.linalg.eigh(g.double().cpu())
+        return cls(name, weight, eig_a.clamp_min(0), basis_a, eig_g.clamp_min(0).cpu(), basis_g.cpu())
 
     def sample(self, prior_precision: float, generator: torch.Generator) -> torch.Tensor:
         """One draw of W - W_MAP, shape of W."""
         precision = torch.outer(self.eig_g, self.eig_a) + prior_precision
         noise = torch.randn(precision.shape, generator=generator, dtype=torch.float64)
-        return (self.basis_g @ (noise / precision.sqrt()) @ self.basis_a.T).to(self.weight.dtype)
+        draw = self.basis_g @ (noise / precision.sqrt()) @ self.basis_a.T
+        rows, kept = self.basis_g.shape
+        if kept < rows:  # a low-rank G: its complement has no curvature, so the prior alone there
+            rest = torch.randn(rows, self.basis_a.shape[0], generator=generator, dtype=torch.float64)
+            draw += (rest - self.basis_g @ (self.basis_g.T @ rest)) / math.sqrt(prior_precision)
+        return draw.to(self.weight.dtype)
+
+
+@dataclass
+class LowRankCurvature:
+    """The `rank` leading eigenpairs (eig, basis columns) of a sum of outer products sum_i g_i g_i^T, kept as
+    rows arrive: each `add` appends the new rows to basis * sqrt(eig), M = [basis sqrt(eig), rows^T], whose
+    M M^T is the running sum exactly, and truncates the eigendecomposition of M M^T (from the small M^T M)."""
+
+    basis: torch.Tensor  # (dim, <= rank)
+    eig: torch.Tensor  # (<= rank,), descending
+    rank: int
+
+    @classmethod
+    def empty(cls, dim: int, rank: int, device: torch.device | None = None) -> "LowRankCurvature":
+        return cls(torch.zeros(dim, 0, dtype=torch.float64, device=device),
+                   torch.zeros(0, dtype=torch.float64, device=device), rank)
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows[(rows != 0).any(-1)].double()
+        if not len(rows):
+            return
+        stacked = torch.cat([self.basis * self.eig.sqrt(), rows.T], 1)
+        eig, vectors = torch.linalg.eigh(stacked.T @ stacked)  # ascending; M M^T has the same nonzero eigenvalues
+        eig, vectors = eig.flip(0)[: self.rank], vectors.flip(1)[:, : self.rank]
+        keep = eig > eig[0] * 1e-12  # numerically zero directions: no curvature, left to the prior
+        self.eig, self.basis = eig[keep], stacked @ vectors[:, keep] / eig[keep].sqrt()
+
+    def __mul__(self, scale: float) -> "LowRankCurvature":
+        return LowRankCurvature(self.basis, self.eig * scale, self.rank)
 
 
 def lora_weight_modules(model: nn.Module, last_block_only: bool = False) -> dict[str, nn.Linear]:
@@ -106,10 +147,18 @@ def kfac_factors(
     modules: dict[str, nn.Linear],
     batches: list[Any],
     choice_logits: Callable[[nn.Module, Any], torch.Tensor],
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{name: (A, G)} of the GGN of the summed NLL over `batches` (KFAC-expand, see module docstring)."""
+    max_dense_factor: int = 4096,
+    factor_rank: int = 256,
+) -> dict[str, tuple[torch.Tensor, "torch.Tensor | LowRankCurvature"]]:
+    """{name: (A, G)} of the GGN of the summed NLL over `batches` (KFAC-expand, see module docstring); a G of more
+    than `max_dense_factor` rows is a `LowRankCurvature` of rank `factor_rank`."""
+    def output_factor(m: nn.Linear) -> "torch.Tensor | LowRankCurvature":
+        if m.out_features > max_dense_factor:
+            return LowRankCurvature.empty(m.out_features, factor_rank, m.weight.device)
+        return torch.zeros(m.out_features, m.out_features, dtype=torch.float64, device=m.weight.device)
+
     sums = {name: [torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device),
-                   torch.zeros(m.out_features, m.out_features, dtype=torch.float64, device=m.weight.device), 0]
+                   output_factor(m), 0]
             for name, m in modules.items()}
     # per module, one entry per forward call of the batch (cloze scoring calls the model twice: prompt, then
     # the choices on the prompt's cache): the call's input rows and which rows received any gradient
@@ -127,7 +176,10 @@ def kfac_factors(
     def backward_hook(name: str, call: int):
         def hook(grad):
             g = grad.detach().reshape(-1, grad.shape[-1]).double()
-            sums[name][1] += g.T @ g
+            if isinstance(sums[name][1], LowRankCurvature):
+                sums[name][1].add(g)
+            else:
+                sums[name][1] += g.T @ g
             reached[name][call] |= (g != 0).any(-1)
         return hook
 
@@ -183,12 +235,19 @@ class Laplace(PostHocMAP):
         prior_grid: tuple[float, ...] = tuple(10.0**k for k in range(-2, 5)),
         tune_samples: int = 4,
         curvature_batches: int | None = None,
+        max_dense_factor: int = 4096,
+        factor_rank: int = 256,
         **options: Any,
     ) -> None:
         super().__init__(**options)
+        for option, value in (("max_dense_factor", max_dense_factor), ("factor_rank", factor_rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} must be a positive integer, got {value!r}")
         self.prior_grid = tuple(prior_grid)
         self.tune_samples = tune_samples
         self.curvature_batches = curvature_batches
+        self.max_dense_factor = max_dense_factor
+        self.factor_rank = factor_rank
         self.posteriors: list[KroneckerPosterior] = []
         self.prior_precision = math.nan
 
@@ -198,7 +257,7 @@ class Laplace(PostHocMAP):
         model.eval()
         used = train_batches[: self.curvature_batches] if self.curvature_batches else train_batches
         modules = lora_weight_modules(model, self.last_block_only)
-        factors = kfac_factors(model, modules, used, choice_logits)
+        factors = kfac_factors(model, modules, used, choice_logits, self.max_dense_factor, self.factor_rank)
         data_scale = len(train_batches) / len(used)  # G is a sum over the training set
         self.posteriors = [
             KroneckerPosterior.from_factors(name, modules[name].weight, a, g * data_scale) for name, (a, g) in factors.items()
