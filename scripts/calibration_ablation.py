@@ -6,11 +6,13 @@
     python scripts/calibration_ablation.py --probe --rows lora,bayeslora,bayeslora_lm_head
 
 Each row is one `bayeslora train` run with the preset's training settings (SmolLM2-135M, ARC-Easy cloze,
-200 training questions x 10 epochs, lr 1e-3, the last epoch kept, 500 test questions) plus the row's
+200 training questions x 10 epochs, lr 1e-3, the last epoch kept, 500 test questions) on the library's
+default LoRA targets, q_proj and v_proj (the ablation was run before the preset adopted the released targets;
+the rows marked "released targets" add lm_head, as every unit of the preset's grid now has), plus the row's
 changes, written to docs/results/calibration-smollm2/ablation/<row>/ (only its small result files are
 committed), then scored with the same adapter on the preset's out-of-distribution sets (<row>/eval/<task>/,
-`bayeslora evaluate`); the rows `lora` and `bayeslora` are the seed-1 units of the preset's grid (grid/), run by
-`bayeslora compare` rather than twice. A finished row (results.json) is skipped and an interrupted one resumes from its
+`bayeslora evaluate`); the rows `lora` and `bayeslora` are the seed-1 units of the q/v grid (grid-qv/, the
+preset's grid before commit ebb56ca), run by `bayeslora compare` rather than twice. A finished row (results.json) is skipped and an interrupted one resumes from its
 checkpoint, so the script can be rerun across sessions. The table (ablation.md next to the runs) has
 ACC, ECE, NLL, the mean mutual information (also over wrong and right answers), the means under shift
 and training seconds.
@@ -35,8 +37,11 @@ from bayeslora.files import write_atomically
 from bayeslora.presets import PRESETS
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "calibration-smollm2"
-GRID = RESULTS / "grid"
+#: the preset's grid on the q/v targets, run at commit 5172888 (its units `lora` and `bayeslora` are rows here)
+GRID = RESULTS / "grid-qv"
 PRESET = PRESETS["calibration"]
+#: the targets every row has unless it sets its own (the library's default targets, those of `GRID`)
+QV_TARGETS = {"target_modules": ["q_proj", "v_proj"]}
 #: the probe size (`--probe`); short runs write no intermediate checkpoint
 PROBE = {"limit_train": 96, "epochs": 8, "limit_validation": 50, "limit_eval": 150, "checkpoint_every": 1000}
 RELEASED_AIDS = {"label_smoothing": {"label_smoothing": 0.05}, "entropy_bonus": {"entropy_bonus": 0.05}}
@@ -90,7 +95,7 @@ ROWS: dict[str, tuple[str, str, dict, dict]] = {
                         "bayeslora", {"constants": "paper", "bayesian_modules": ["q_proj"], "posterior_weight_decay": 0.01},
                         {}),
 }
-#: rows that are units of the preset's grid (seed 1): run by `bayeslora compare`, not twice
+#: rows that are units of the q/v grid (seed 1), run by `bayeslora compare` there, not twice
 GRID_UNITS = {"lora": "mle", "bayeslora": "bayeslora"}
 
 
@@ -108,7 +113,7 @@ def settings(row: str, probe: bool) -> dict:
     _, method, options, changes = ROWS[row]
     if "adapter_from" in changes:
         changes = {**changes, "adapter_from": str(row_dir(changes["adapter_from"], probe))}
-    return {**PRESET["train"], **(PROBE if probe else {}), "model": PRESET["model"], "task": PRESET["tasks"][0],
+    return {**PRESET["train"], **QV_TARGETS, **(PROBE if probe else {}), "model": PRESET["model"], "task": PRESET["tasks"][0],
             "method": method, "method_options": options, "seed": PRESET["seeds"][0], "zero_shot": False, **changes}
 
 
@@ -124,11 +129,9 @@ def run_row(row: str, probe: bool) -> None:
 
 def train_row(row: str, probe: bool, output: Path) -> None:
     if row in GRID_UNITS and not probe:
-        command = [sys.executable, "-m", "bayeslora", "compare", "--preset", "calibration", "--methods",
-                   GRID_UNITS[row], "--seeds", str(PRESET["seeds"][0]), "--output", str(GRID)]
-        print(f"{row}: {' '.join(command[1:])}", flush=True)
-        subprocess.run(command, check=True)
-        return
+        sys.exit(f"{row}: the {GRID_UNITS[row]} unit of {GRID} is not finished; it is a unit of the preset's q/v grid, "
+                 f"rerun by `bayeslora compare --preset calibration --methods {GRID_UNITS[row]} --seeds 1 --output "
+                 f"{GRID}` at commit 5172888")
     resume = any(output.glob("**/checkpoints/latest"))
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config:
         yaml.safe_dump(settings(row, probe), config)
