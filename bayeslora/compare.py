@@ -28,7 +28,7 @@ from typing import Any
 
 from bayeslora.errors import OutputInUseError, UsageError
 from bayeslora.files import write_atomically
-from bayeslora.output_dir import check_not_in_use, end_with_parent, holds_files, output_lock, remove_stale_temporaries
+from bayeslora.output_dir import end_with_parent, holds_files, is_in_use, output_lock, remove_stale_temporaries
 from bayeslora.presets import PRESETS
 from bayeslora.saved_files import read_json_object
 from bayeslora.tasks import check_tasks
@@ -264,14 +264,14 @@ def _run_grid(grid: Grid) -> int:
             continue
         base = grid.base_method(method)
         if base and not unit_finished(grid, task, base, seed):
-            if _in_use(grid.unit_dir(task, base, seed)):
+            if is_in_use(grid.unit_dir(task, base, seed)):
                 elsewhere.append(f"{task} / {method} / seed {seed}: rerun once {base}'s unit, running in another "
                                  f"process, has finished")
             else:
                 failures.append(f"{task} / {method} / seed {seed}: its base unit ({base}) did not finish")
             print(f"{unit}: its base unit ({base}) is not finished, left for a rerun", flush=True)
             continue
-        if _in_use(grid.unit_dir(task, method, seed)):
+        if is_in_use(grid.unit_dir(task, method, seed)):
             elsewhere.append(f"{task} / {method} / seed {seed}: {running_elsewhere}")
             print(f"{unit}: running in another process, left to it", flush=True)
             continue
@@ -300,10 +300,3 @@ def _run_grid(grid: Grid) -> int:
         print(f"failed: {failure}")
     return 1 if failures else 0
 
-
-def _in_use(directory: Path) -> bool:
-    try:
-        check_not_in_use(directory)
-    except OutputInUseError:
-        return True
-    return False

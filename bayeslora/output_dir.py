@@ -38,6 +38,15 @@ def check_not_in_use(output: Path) -> None:
             pass
 
 
+def is_in_use(output: Path) -> bool:
+    """Whether another process holds the lock of `output` now (`check_not_in_use` as a question)."""
+    try:
+        check_not_in_use(output)
+    except OutputInUseError:
+        return True
+    return False
+
+
 def _in_use(output: Path) -> OutputInUseError:
     return OutputInUseError(f"output {output} is in use by another bayeslora process; "
                             f"wait for it to finish or choose another directory")

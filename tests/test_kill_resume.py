@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from bayeslora.cli import main
-from bayeslora.errors import OutputInUseError
-from bayeslora.output_dir import check_not_in_use
+from bayeslora.output_dir import is_in_use
 from bayeslora.presets import FIXTURE_MODEL
 
 CHECKPOINT_EVERY = 2
@@ -204,10 +203,10 @@ def test_a_compare_killed_mid_unit_leaves_no_unit_running_and_a_rerun_reuses_fin
         assert process.wait(timeout=300) == -signal.SIGKILL, (tmp_path / "compare.log").read_text()[-2000:]
     unit = int((tmp_path / "unit.pid").read_text())
     deadline = time.monotonic() + 5
-    while (_running(unit) or _locked(output)) and time.monotonic() < deadline:
+    while (_running(unit) or is_in_use(output)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(unit), "the unit process outlived compare"
-    assert not _locked(output), "compare's folder is still locked"
+    assert not is_in_use(output), "compare's folder is still locked"
     finished = mark.read_bytes()
 
     capsys.readouterr()
@@ -218,13 +217,6 @@ def test_a_compare_killed_mid_unit_leaves_no_unit_running_and_a_rerun_reuses_fin
     for part in ("in_distribution", "out_of_distribution"):
         assert tables[0][part] == tables[1][part]
 
-
-def _locked(folder: Path) -> bool:
-    try:
-        check_not_in_use(folder)
-    except OutputInUseError:
-        return True
-    return False
 
 
 def _running(pid: int) -> bool:
