@@ -299,4 +299,3 @@ def _run_grid(grid: Grid) -> int:
     for failure in failures:
         print(f"failed: {failure}")
     return 1 if failures else 0
-

@@ -218,7 +218,6 @@ def test_a_compare_killed_mid_unit_leaves_no_unit_running_and_a_rerun_reuses_fin
         assert tables[0][part] == tables[1][part]
 
 
-
 def _running(pid: int) -> bool:
     try:
         return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()

@@ -21,8 +21,9 @@ row per matrix, G (x) A equals the dense GGN block (tested).
 A factor larger than `max_dense_factor` rows (G of lm_head's lora_B is vocabulary x vocabulary: 49,152^2
 doubles, 19 GB, on SmolLM2) is kept as its `factor_rank` leading eigenpairs instead, updated as the
 gradient rows arrive (`LowRankCurvature`, an incremental truncated eigendecomposition; the Laplace-LoRA
-authors' `bayesian_lora` package also offers low-rank factors for LLM-sized layers). The directions it drops carry no curvature: the posterior
-there is the prior, N(0, 1/tau), wider than the full factor's, never narrower.
+authors' `bayesian_lora` package also offers low-rank factors for LLM-sized layers). The directions it
+drops carry no curvature: the posterior there is the prior, N(0, 1/tau), wider than the full factor's,
+never narrower.
 
 The prior precision tau is chosen on the held-out validation set: the value
 of a log grid (`prior_grid`, default 10^-2 .. 10^4) with the lowest validation
