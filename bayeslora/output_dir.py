@@ -113,9 +113,10 @@ def remove_stale_temporaries(output: Path, exclude: tuple[str, ...] = ()) -> lis
     folder) and renamed into place; call this only while holding the folder's lock.
     """
     removed = []
-    for path in sorted(output.rglob(".*")):
-        if path.relative_to(output).parts[0] in exclude:
-            continue
+    kept = [entry for entry in output.iterdir() if entry.name not in exclude]  # never walk into an excluded folder
+    found = [entry for entry in kept if entry.name.startswith(".")]
+    found += [path for entry in kept if entry.is_dir() and not entry.is_symlink() for path in entry.rglob(".*")]
+    for path in sorted(found):
         if path.name == LOCK_FILE or not (path.exists() or path.is_symlink()):
             continue
         if path.is_dir() and not path.is_symlink():

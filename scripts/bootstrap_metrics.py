@@ -27,22 +27,30 @@ from bayeslora.metrics import all_metrics
 SHOWN = (("accuracy_percent", "ACC (%)", 1), ("ece_percent", "ECE (%)", 1), ("brier", "Brier", 3))
 
 
-def bootstrap(probs: torch.Tensor, labels: torch.Tensor, resamples: int, seed: int,
-              reference: torch.Tensor | None = None) -> dict[str, tuple[float, float]]:
-    """{metric: (value on all questions, standard deviation over `resamples` resampled question sets)};
-    with `reference` (probabilities for the same questions), of the difference metric(probs) - metric(reference)."""
-    def value(index: torch.Tensor) -> dict[str, float]:
-        metrics = all_metrics(probs[index], labels[index])
-        if reference is None:
-            return metrics
-        baseline = all_metrics(reference[index], labels[index])
-        return {key: metrics[key] - baseline[key] for key in metrics}
+def question_sets(questions: int, resamples: int, seed: int) -> list[torch.Tensor]:
+    """All questions, then `resamples` resampled sets; the same sets for every evaluation of a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.arange(questions)] + [torch.randint(questions, (questions,), generator=generator)
+                                        for _ in range(resamples)]
 
-    generator = torch.Generator().manual_seed(seed)  # the same question sets for every evaluation
-    draws = [value(torch.randint(len(labels), (len(labels),), generator=generator)) for _ in range(resamples)]
-    full = value(torch.arange(len(labels)))
-    return {key: (full[key], torch.tensor([draw[key] for draw in draws], dtype=torch.float64).std().item())
-            for key in full}
+
+def summarise(values: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """{metric: (value on all questions, standard deviation over the resampled sets)} of `question_sets` values."""
+    return {key: (values[0][key], torch.tensor([value[key] for value in values[1:]], dtype=torch.float64).std().item())
+            for key in values[0]}
+
+
+def bootstrap(probs: torch.Tensor, labels: torch.Tensor, resamples: int, seed: int,
+              reference: torch.Tensor | None = None) -> list[dict[str, tuple[float, float]]]:
+    """The metrics of `probs` with their bootstrap standard deviations; with `reference` (probabilities for
+    the same questions) also those of the difference metric(probs) - metric(reference), each metric computed
+    once per question set."""
+    sets = question_sets(len(labels), resamples, seed)
+    own = [all_metrics(probs[index], labels[index]) for index in sets]
+    if reference is None:
+        return [summarise(own)]
+    baseline = [all_metrics(reference[index], labels[index]) for index in sets]
+    return [summarise(own), summarise([{key: a[key] - b[key] for key in a} for a, b in zip(own, baseline)])]
 
 
 def predictions_of(parser: argparse.ArgumentParser, evaluation: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,11 +73,9 @@ def main() -> None:
     print("|---|---:|" + "---:|" * len(titles))
     for evaluation in args.evaluations:
         probs, labels = predictions_of(parser, evaluation)
-        statistics = [bootstrap(probs, labels, args.resamples, args.seed)]
-        if reference is not None:
-            if not torch.equal(labels, reference[1]) or probs.shape != reference[0].shape:
-                parser.error(f"{evaluation} and --reference {args.reference} are not scored on the same questions")
-            statistics.append(bootstrap(probs, labels, args.resamples, args.seed, reference[0]))
+        if reference is not None and (not torch.equal(labels, reference[1]) or probs.shape != reference[0].shape):
+            parser.error(f"{evaluation} and --reference {args.reference} are not scored on the same questions")
+        statistics = bootstrap(probs, labels, args.resamples, args.seed, reference[0] if reference else None)
         cells = [f"{stats[key][0]:{sign}.{digits}f} ± {stats[key][1]:.{digits}f}"  # differences carry their sign
                  for sign, stats in zip(("", "+"), statistics) for key, _, digits in SHOWN]
         print(f"| {evaluation} | {len(labels)} | " + " | ".join(cells) + " |")

@@ -93,10 +93,12 @@ def test_bootstrap_errors_of_a_mean_metric_match_its_analytic_standard_error():
         return ((p.double() - torch.nn.functional.one_hot(labels, 4)) ** 2).sum(-1)
 
     bootstrap = _script("bootstrap_metrics").bootstrap
-    value, error = bootstrap(probs, labels, 2000, 0)["brier"]
+    (value, error), = [stats["brier"] for stats in bootstrap(probs, labels, 2000, 0)]
     assert value == pytest.approx(per_question(probs).mean().item())
     assert error == pytest.approx((per_question(probs).std() / 20).item(), rel=0.1)
-    difference, error = bootstrap(probs, labels, 2000, 0, reference)["brier"]
+    own, paired = bootstrap(probs, labels, 2000, 0, reference)
+    assert own["brier"] == bootstrap(probs, labels, 2000, 0)[0]["brier"]  # the same question sets with or without
+    difference, error = paired["brier"]
     assert difference == pytest.approx((per_question(probs) - per_question(reference)).mean().item())
     assert error == pytest.approx(((per_question(probs) - per_question(reference)).std() / 20).item(), rel=0.1)
 

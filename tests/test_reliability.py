@@ -394,6 +394,19 @@ def test_stale_staging_files_are_removed_on_the_next_start(finished_run, tmp_pat
     assert [path.name for path in run.rglob(".*")] == [".lock"]
 
 
+def test_stale_temporaries_outside_excluded_folders_go_and_locks_stay(tmp_path):
+    from bayeslora.output_dir import LOCK_FILE, remove_stale_temporaries
+
+    stale = [tmp_path / ".grid.json.tmp", tmp_path / "tables" / ".cost.md.x", tmp_path / ".staging"]
+    kept = [tmp_path / LOCK_FILE, tmp_path / "tables" / "cost.md", tmp_path / "runs" / "mle" / ".results.json.x"]
+    for path in stale[:2] + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    (stale[2] / "inner").mkdir(parents=True)
+    assert sorted(remove_stale_temporaries(tmp_path, exclude=("runs",))) == sorted(stale)
+    assert all(path.exists() for path in kept) and not any(path.exists() for path in stale)
+
+
 def test_a_half_written_log_line_is_dropped_on_resume(finished_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
