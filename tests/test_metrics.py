@@ -75,34 +75,6 @@ def test_all_metrics_reports_percent_and_nats():
     assert values["nll"] == pytest.approx(nll(PROBS, LABELS))
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bootstrap_errors_of_a_mean_metric_match_its_analytic_standard_error():
-    # the Brier score is a mean over questions: its standard error is std / sqrt(N), paired or not
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(4, (400,), generator=generator)
-    probs = torch.softmax(2 * torch.randn(400, 4, generator=generator), dim=-1)
-    reference = torch.softmax(2 * torch.randn(400, 4, generator=generator), dim=-1)
-
-    def per_question(p):
-        return ((p.double() - torch.nn.functional.one_hot(labels, 4)) ** 2).sum(-1)
-
-    bootstrap = _script("bootstrap_metrics").bootstrap
-    (value, error), = [stats["brier"] for stats in bootstrap(probs, labels, 2000, 0)]
-    assert value == pytest.approx(per_question(probs).mean().item())
-    assert error == pytest.approx((per_question(probs).std() / 20).item(), rel=0.1)
-    own, paired = bootstrap(probs, labels, 2000, 0, reference)
-    assert own["brier"] == bootstrap(probs, labels, 2000, 0)[0]["brier"]  # the same question sets with or without
-    difference, error = paired["brier"]
-    assert difference == pytest.approx((per_question(probs) - per_question(reference)).mean().item())
-    assert error == pytest.approx(((per_question(probs) - per_question(reference)).std() / 20).item(), rel=0.1)
-
-
 def test_read_predictions_pools_files_and_pads_fewer_choices_with_zero(tmp_path):
     from bayeslora.evaluate import read_predictions
 

@@ -1,0 +1,73 @@
+"""The result scripts under scripts/: each one's computation against an independent reference."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import bayeslora
+from bayeslora.models import load_model
+
+MODEL = str(Path(__file__).resolve().parent.parent / "bayeslora" / "fixtures" / "smoke" / "model")
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bootstrap_errors_of_a_mean_metric_match_its_analytic_standard_error():
+    # the Brier score is a mean over questions: its standard error is std / sqrt(N), paired or not
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(4, (400,), generator=generator)
+    probs = torch.softmax(2 * torch.randn(400, 4, generator=generator), dim=-1)
+    reference = torch.softmax(2 * torch.randn(400, 4, generator=generator), dim=-1)
+
+    def per_question(p):
+        return ((p.double() - torch.nn.functional.one_hot(labels, 4)) ** 2).sum(-1)
+
+    bootstrap = _script("bootstrap_metrics").bootstrap
+    (value, error), = [stats["brier"] for stats in bootstrap(probs, labels, 2000, 0)]
+    assert value == pytest.approx(per_question(probs).mean().item())
+    assert error == pytest.approx((per_question(probs).std() / 20).item(), rel=0.1)
+    own, paired = bootstrap(probs, labels, 2000, 0, reference)
+    assert own["brier"] == bootstrap(probs, labels, 2000, 0)[0]["brier"]  # the same question sets with or without
+    difference, error = paired["brier"]
+    assert difference == pytest.approx((per_question(probs) - per_question(reference)).mean().item())
+    assert error == pytest.approx(((per_question(probs) - per_question(reference)).std() / 20).item(), rel=0.1)
+
+
+def test_prior_control_sets_the_chosen_factors_exactly_to_their_prior(tmp_path):
+    torch.manual_seed(0)
+    config = bayeslora.BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                       bayesian_modules=["q_proj", "v_proj"])
+    bayeslora.get_bayeslora_model(load_model(MODEL)[0], config).save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    # a posterior away from the prior in every parameter the control resets
+    save_file({name: value + 0.3 * torch.randn_like(value) if name.endswith(("u_mean", "u_sd_raw", "lambda_raw"))
+               or ".flow.output_layer." in name else value for name, value in load_file(weights).items()}, weights)
+    script = _script("prior_control")
+    adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    tensors, replaced = script.to_prior(load_file(weights), adapter_config, ["q_proj"])
+    save_file(tensors, weights)
+
+    model = bayeslora.load_bayeslora_model(load_model(MODEL)[0], tmp_path)
+    q_factors = [(n, f) for n, f in model.named_modules() if isinstance(f, bayeslora.InducingFactor) and "q_proj" in n]
+    v_factors = [f for n, f in model.named_modules() if isinstance(f, bayeslora.InducingFactor) and "v_proj" in n]
+    assert replaced == 5 * len(q_factors)  # mean, sd, lambda, the flow output's weight and bias
+    assert all(abs(factor.kl_divergence().item()) < 1e-3 for _, factor in q_factors)
+    assert all(factor.kl_divergence().item() > 1 for factor in v_factors)  # left as they were
+    # a prior draw of W is N(0, sigma_p^2 I): its entries' variance is sigma_p^2
+    _, factor = q_factors[0]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        draws = torch.stack([factor.sample_weight(generator) for _ in range(400)])
+    assert draws.mean().item() == pytest.approx(0, abs=0.05 * factor.prior_scale)
+    assert draws.var().item() == pytest.approx(factor.prior_scale ** 2, rel=0.05)
+    with pytest.raises(ValueError, match="o_proj: not Bayesian modules"):
+        script.to_prior(load_file(weights), adapter_config, ["o_proj"])
