@@ -41,10 +41,11 @@ def prior_values(name: str, value: torch.Tensor) -> torch.Tensor | None:
 def to_prior(tensors: dict[str, torch.Tensor], config: dict, modules: list[str]) -> tuple[dict[str, torch.Tensor], int]:
     """`tensors` (a Bayesian-LoRA adapter's state) with the factors of `modules` at their prior, and how many
     tensors changed. A module is a name component of the tensor's key (`lm_head`, `q_proj`)."""
-    unknown = sorted(set(modules) - set(config.get("bayesian_modules") or []))
+    bayesian = config.get("bayesian_modules") or []
+    unknown = sorted(set(modules) - set(bayesian))
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not Bayesian modules of this adapter "
-                         f"(its Bayesian modules: {', '.join(config.get('bayesian_modules') or []) or 'none'})")
+                         f"(its Bayesian modules: {', '.join(bayesian) or 'none'})")
     if min(config["max_sd_u"], config["max_lambda"]) < 1:
         raise ValueError(f"the prior (inducing sd 1, lambda 1) is outside this adapter's caps "
                          f"(max_sd_u {config['max_sd_u']}, max_lambda {config['max_lambda']})")

@@ -1,9 +1,7 @@
 """Metrics against hand-computed cases and against torchmetrics."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
