@@ -59,6 +59,11 @@ class BayesLoraConfig(LoraConfig):
     flow: bool = field(default=True, metadata={"help": "Push q0 through a row-wise masked autoregressive flow."})
     flow_hidden: int = field(default=16, metadata={"help": "Hidden width of the flow's conditioner."})
     flow_blocks: int = field(default=2, metadata={"help": "Residual blocks in the flow's conditioner."})
+    learn_prior_lambda: bool = field(
+        default=False,
+        metadata={"help": "Empirical Bayes on the conditional prior's scale: it follows lambda, the conditional KL is 0 "
+                          "and the data alone set lambda (an ablation; docs/method.md, \"Defaults\")."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,8 +76,9 @@ class BayesLoraConfig(LoraConfig):
             value = getattr(self, name)
             if not _is_number(value) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not isinstance(self.flow, bool):
-            raise ValueError(f"flow must be true or false, got {self.flow!r}")
+        for name in ("flow", "learn_prior_lambda"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bayesian_modules is not None and not isinstance(self.bayesian_modules, (str, list, tuple, set)):
             raise ValueError(f"bayesian_modules must be a name pattern or a list of names, got {self.bayesian_modules!r}")
         if self.lambda_init > self.max_lambda:
@@ -117,4 +123,5 @@ class BayesLoraConfig(LoraConfig):
             "flow": self.flow,
             "flow_hidden": self.flow_hidden,
             "flow_blocks": self.flow_blocks,
+            "learn_prior_lambda": self.learn_prior_lambda,
         }

@@ -103,11 +103,13 @@ class InducingFactor(nn.Module):
         flow: bool = True,
         flow_hidden: int = 16,
         flow_blocks: int = 2,
+        learn_prior_lambda: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
         self.prior_scale = prior_sd / math.sqrt(in_features)
         self.max_lambda, self.max_sd_u = max_lambda, max_sd_u
+        self.learn_prior_lambda = learn_prior_lambda
         self.z_row = nn.Parameter(torch.randn(inducing_rows, out_features) / math.sqrt(inducing_rows))
         self.z_col = nn.Parameter(torch.randn(inducing_cols, in_features) / math.sqrt(inducing_cols))
         self.d_row_raw = nn.Parameter(torch.full((inducing_rows,), inverse_softplus(1e-3)))
@@ -123,7 +125,7 @@ class InducingFactor(nn.Module):
         )
         # everything that must agree for factors to be drawn as one batch, except the device
         self._batch_key = (out_features, in_features, inducing_rows, inducing_cols, self.prior_scale, max_lambda,
-                           max_sd_u, flow and (flow_hidden, flow_blocks))
+                           max_sd_u, flow and (flow_hidden, flow_blocks), learn_prior_lambda)
         self.reset_sampling()
 
     def signature(self) -> tuple:
@@ -266,6 +268,9 @@ def kl_parts(factors: Sequence[InducingFactor]) -> tuple[torch.Tensor, torch.Ten
 
     The inducing part is KL(q(V) || N(0, I)) (closed form plus the flow's one-sample correction);
     the conditional part is (d_out d_in / 2)(lambda^2 - 1 - 2 log lambda), which does not depend on U.
+    With `learn_prior_lambda` the conditional prior's scale is a hyperparameter fitted with lambda
+    (empirical Bayes): its optimum is the posterior's lambda, where the conditional part is exactly 0,
+    so lambda is then set by the data term alone.
     """
     template = factors[0]
     with _fp32_region(template.u_mean):
@@ -277,6 +282,8 @@ def kl_parts(factors: Sequence[InducingFactor]) -> tuple[torch.Tensor, torch.Ten
             v0 = mean + sd * torch.randn_like(mean)
             v, log_det = template.flow.apply_stacked(_flow_parameters(p), v0)
             inducing = inducing + 0.5 * (v.square().sum(dim=(-2, -1)) - v0.square().sum(dim=(-2, -1))) - log_det
+        if template.learn_prior_lambda:
+            return inducing, torch.zeros_like(inducing)
         lam = F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda)
         return inducing, conditional_kl(template.out_features * template.in_features, lam)
 

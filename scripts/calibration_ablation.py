@@ -87,6 +87,13 @@ ROWS: dict[str, tuple[str, str, dict, dict]] = {
     "bayeslora_lambda_0.6_lm_head": ("Bayesian-LoRA, lambda 0.6, lm_head a Bayesian target too", "bayeslora",
                                      {"lambda_init": 0.6, "max_lambda": 0.6, "bayesian_modules": ["q_proj", "lm_head"]},
                                      RELEASED_TARGETS),
+    "bayeslora_lm_head_mean_lr_10": ("Bayesian-LoRA, lm_head a Bayesian target too, inducing means at 10 x the learning rate",
+                                     "bayeslora", {"bayesian_modules": ["q_proj", "lm_head"], "mean_lr": 10.0},
+                                     RELEASED_TARGETS),
+    "bayeslora_lm_head_learned_prior_lambda": ("Bayesian-LoRA, lm_head a Bayesian target too, lambda's prior scale learned "
+                                               "(empirical Bayes)", "bayeslora",
+                                               {"bayesian_modules": ["q_proj", "lm_head"], "learn_prior_lambda": True},
+                                               RELEASED_TARGETS),
     "bayeslora_lambda_0.6": ("Bayesian-LoRA, lambda 0.6", "bayeslora", {"lambda_init": 0.6, "max_lambda": 0.6}, {}),
     "bayeslora_all_bayesian_prior_sd_0.3": ("Bayesian-LoRA, v_proj Bayesian too, prior_sd 0.3, lambda 0.3", "bayeslora",
                                             {"bayesian_modules": ["q_proj", "v_proj"], "prior_sd": 0.3,

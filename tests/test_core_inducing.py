@@ -65,6 +65,25 @@ def test_conditional_kl_term_matches_dense_gaussians():
     assert torch.allclose(conditional_kl(35, lam), reference, rtol=1e-6)
 
 
+def test_learned_prior_lambda_is_the_conditional_kl_minimiser():
+    # empirical Bayes on the conditional prior's scale: min over lambda_p of KL(N(m, lambda^2 S) || N(m, lambda_p^2 S))
+    factor = _factor(flow=False, max_lambda=1.0, lambda_init=0.4, learn_prior_lambda=True)
+    sigma = _dense_conditional_covariance(factor) * factor.prior_scale**2
+    lam = factor.lam.detach().double()
+    mean = torch.zeros(35, dtype=torch.float64)
+    q = td.MultivariateNormal(mean, covariance_matrix=lam**2 * sigma)
+    grid = torch.linspace(0.2, 0.8, 61, dtype=torch.float64)
+    kls = torch.stack([td.kl_divergence(q, td.MultivariateNormal(mean, covariance_matrix=s**2 * sigma)) for s in grid])
+    assert abs(grid[kls.argmin()] - lam) < 0.011 and kls.min() < 1e-3
+    inducing = td.kl_divergence(td.Normal(factor.u_mean, factor.u_sd), td.Normal(0.0, 1.0)).sum()
+    kl = factor.kl_divergence()
+    assert torch.allclose(kl.detach(), inducing.detach(), rtol=1e-5)
+    kl.backward()
+    assert factor.lambda_raw.grad is None or factor.lambda_raw.grad == 0  # only the data term moves lambda
+    fixed = _factor(flow=False, max_lambda=1.0, lambda_init=0.4)
+    fixed.kl_divergence().backward()
+    assert fixed.lambda_raw.grad < 0  # the fixed prior's conditional KL pulls lambda up towards 1
+
 def test_flow_kl_equals_closed_form_when_flow_is_identity():
     with_flow, without_flow = _factor(flow=True), _factor(flow=False)
     with torch.no_grad():
