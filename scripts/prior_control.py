@@ -8,7 +8,9 @@ LoRA targets, the evaluation protocol) as trained.
 RUN is a `bayeslora train` run folder (or a saved Bayesian-LoRA adapter). The prior is set exactly, in the
 adapter's own parameters: inducing mean 0 and sd 1 (whitened, so q(U) = p(U)), the flow's output layer 0
 (the identity flow) and lambda 1 (the conditional equals the prior's). The KL of those factors to their
-prior is then 0, and each of their draws is W ~ N(0, sigma_p^2 I), whatever the data said. The adapter is
+prior is then 0, and each of their draws is W ~ N(0, sigma_p^2 I), whatever the data said. An adapter
+whose conditional prior scale was learned (`learn_prior_lambda`, empirical Bayes) keeps its lambda: it is
+then the prior's own hyperparameter, fitted to the data, and only q(U) is set to p(U). The adapter is
 written to DIR/adapter and the arguments after `--` go to `bayeslora evaluate --adapter DIR/adapter
 --output DIR/evaluation`. If the control's numbers equal the run's, the data taught those modules'
 posteriors nothing the evaluation can see.
@@ -29,11 +31,12 @@ from bayeslora.cli import main as bayeslora_main
 from bayeslora.inducing import inverse_softplus
 
 
-def prior_values(name: str, value: torch.Tensor) -> torch.Tensor | None:
-    """The value of an inducing-factor tensor that makes its posterior the prior; None for other tensors."""
+def prior_values(name: str, value: torch.Tensor, learned_lambda: bool) -> torch.Tensor | None:
+    """The value of an inducing-factor tensor that makes its posterior the prior; None for other tensors
+    (and for lambda when the prior's conditional scale was learned with it: lambda is then the prior's)."""
     if name.endswith(".u_mean") or ".flow.output_layer." in name:
         return torch.zeros_like(value)
-    if name.endswith((".u_sd_raw", ".lambda_raw")):
+    if name.endswith(".u_sd_raw") or (name.endswith(".lambda_raw") and not learned_lambda):
         return torch.full_like(value, inverse_softplus(1.0))
     return None
 
@@ -46,12 +49,13 @@ def to_prior(tensors: dict[str, torch.Tensor], config: dict, modules: list[str])
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not Bayesian modules of this adapter "
                          f"(its Bayesian modules: {', '.join(bayesian) or 'none'})")
-    if min(config["max_sd_u"], config["max_lambda"]) < 1:
+    learned_lambda = bool(config.get("learn_prior_lambda"))
+    if min(config["max_sd_u"], 1 if learned_lambda else config["max_lambda"]) < 1:
         raise ValueError(f"the prior (inducing sd 1, lambda 1) is outside this adapter's caps "
                          f"(max_sd_u {config['max_sd_u']}, max_lambda {config['max_lambda']})")
     changed, replaced = dict(tensors), 0
     for name, value in tensors.items():
-        if set(name.split(".")) & set(modules) and (prior := prior_values(name, value)) is not None:
+        if set(name.split(".")) & set(modules) and (prior := prior_values(name, value, learned_lambda)) is not None:
             changed[name], replaced = prior, replaced + 1
     return changed, replaced
 

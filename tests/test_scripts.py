@@ -53,7 +53,8 @@ def test_prior_control_sets_the_chosen_factors_exactly_to_their_prior(tmp_path):
                or ".flow.output_layer." in name else value for name, value in load_file(weights).items()}, weights)
     script = _script("prior_control")
     adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
-    tensors, replaced = script.to_prior(load_file(weights), adapter_config, ["q_proj"])
+    posterior = load_file(weights)
+    tensors, replaced = script.to_prior(posterior, adapter_config, ["q_proj"])
     save_file(tensors, weights)
 
     model = bayeslora.load_bayeslora_model(load_model(MODEL)[0], tmp_path)
@@ -73,3 +74,9 @@ def test_prior_control_sets_the_chosen_factors_exactly_to_their_prior(tmp_path):
     assert draws.var().item() == pytest.approx(factor.prior_scale ** 2, rel=0.05)
     with pytest.raises(ValueError, match="o_proj: not Bayesian modules"):
         script.to_prior(load_file(weights), adapter_config, ["o_proj"])
+    # a learned conditional prior scale (empirical Bayes) is the prior's: it stays, and the KL is still 0
+    learned = {**adapter_config, "learn_prior_lambda": True}
+    tensors, replaced = script.to_prior(posterior, learned, ["q_proj"])
+    assert replaced == 4 * len(q_factors)
+    lambdas = [name for name in posterior if name.endswith("lambda_raw")]
+    assert lambdas and all(torch.equal(posterior[name], tensors[name]) for name in lambdas)
