@@ -8,7 +8,7 @@ checkpoints/latest         name of the newest complete checkpoint (replaced atom
 checkpoints/step-000050/   adapter.safetensors, best_adapter.safetensors (trainable
                            parameters, written by the main process), scheduler.pt
                            (torch.save of its state dict, read back with weights_only=True),
-                           state.json (step, processes, distributed type, selection state),
+                           state.json (step, processes, distributed type, selection state, training seconds so far),
                            accelerate/ (`Accelerator.save_state`: the whole optimizer state,
                            every process's random-number generators; under FSDP also the
                            base model's shards, under DeepSpeed its engine's checkpoint)

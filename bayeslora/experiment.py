@@ -189,7 +189,8 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
         model.to(accelerator.device)
         post_hoc_fit(model, scorer, method, train, validation, settings.eval_batch_size, accelerator.device)
         results = []
-    train_seconds = time.perf_counter() - start
+    # a resumed run also counts the training time its checkpoints kept from the processes before
+    train_seconds = time.perf_counter() - start + sum(result.resumed_seconds for result in results)
     accelerator.end_training()  # closes the tracker's run (nothing without one)
     main, sharded = accelerator.is_main_process, is_sharded(accelerator)
     if not main and not sharded:  # a sharded model's forward passes, and gathering it, need every process

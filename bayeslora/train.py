@@ -146,6 +146,8 @@ class FitResult:
     best_validation_nll: float | None
     stopped_early: bool
     validation_history: list[dict] = field(default_factory=list)
+    resumed_seconds: float = 0.0  # training seconds before this process resumed the run (from the checkpoint)
+    timed_from_step: int = 0  # > 0: resumed from a checkpoint that kept no time, so the steps before are not timed
 
 
 def check_batches(settings: TrainSettings, n_train: int, processes: int) -> None:
@@ -233,8 +235,16 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
              "best_step": None, "best_validation_nll": None, "epochs_without_improvement": 0, "stopped_early": False,
              "validation_history": []}
     best_adapter = None
+    timed_from_step = 0
     if resume:
         state, best_adapter = load_checkpoint(output, accelerator, unwrapped, optimizer, scheduler)
+        if "train_seconds" not in state:  # written before checkpoints kept the time
+            timed_from_step = state["step"]
+            if accelerator.is_main_process:
+                print(f"bayeslora: note: the checkpoint at step {timed_from_step} kept no training time; "
+                      f"train_seconds counts from there", file=sys.stderr)
+    resumed_seconds = state.get("train_seconds", 0.0)
+    clock = time.perf_counter()
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
     log = _open_log(output / "train_log.jsonl", state["step"]) if accelerator.is_main_process else None
@@ -311,6 +321,7 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
             if epoch_end or state["step"] % s.checkpoint_every == 0 or _minutes_passed(last_checkpoint, s, accelerator):
                 if unusable_module(unwrapped) is not None:  # only good checkpoints are written
                     raise _diverged(unwrapped, output, state["step"], "the parameters can no longer be used")
+                state["train_seconds"] = resumed_seconds + time.perf_counter() - clock
                 save_checkpoint(output, accelerator, unwrapped, scheduler, state, best_adapter)
                 last_checkpoint = time.monotonic()
     finally:  # a fault ends the progress bar's line first, so the one-line report stands on its own
@@ -320,7 +331,7 @@ def _fit_member(model: nn.Module, scorer, method, train_questions: Sequence, val
     if best_adapter is not None:
         load_trainable_state(unwrapped, best_adapter)
     return FitResult(state["step"], state["best_step"], state["best_validation_nll"], state["stopped_early"],
-                     state["validation_history"])
+                     state["validation_history"], resumed_seconds, timed_from_step)
 
 
 def _accumulate_gradients(model, unwrapped: nn.Module, scorer, method, micro_batches: list, kl: KLWeighting,

@@ -174,10 +174,15 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(tmp_path, 
         fit(interrupted, InterruptingScorer(15), method, train, validation, settings(tmp_path / "b", **s),
             tmp_path / "b", Accelerator(cpu=True))
     assert latest_checkpoint(tmp_path / "b").name == "step-000006"
+    # the checkpoint keeps the training time so far: at least the logged time of its six steps
+    kept = json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())["train_seconds"]
+    steps = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()][:6]
+    assert kept >= sum(record["seconds"] for record in steps) > 0
     torch.manual_seed(1234)  # the resumed process starts from a different RNG state
     resumed = tiny_model(method, dropout=0.1)
-    fit(resumed, tiny_scorer(), method, train, validation, settings(tmp_path / "b", **s), tmp_path / "b",
-        Accelerator(cpu=True), resume=True)
+    [result] = fit(resumed, tiny_scorer(), method, train, validation, settings(tmp_path / "b", **s), tmp_path / "b",
+                   Accelerator(cpu=True), resume=True)
+    assert (result.resumed_seconds, result.timed_from_step) == (kept, 0)
 
     expected, actual = trainable_state(straight), trainable_state(resumed)
     assert all(torch.allclose(expected[name], actual[name], atol=1e-6) for name in expected)
@@ -186,6 +191,21 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_adapter(tmp_path, 
     assert [r["step"] for r in log_b] == list(range(1, 11))
     assert [r["nll"] for r in log_a] == pytest.approx([r["nll"] for r in log_b], abs=1e-6)
 
+
+
+def test_a_checkpoint_without_a_kept_time_says_where_the_timing_starts(tmp_path, capsys):
+    method = get_method("mle")
+    train, validation = split_validation(fixture_questions(28), 8, seed=0, limit=None)
+    s = settings(tmp_path, epochs=1, checkpoint_every=5)
+    fit(tiny_model(method), tiny_scorer(), method, train, validation, s, tmp_path, Accelerator(cpu=True))
+    state_file = latest_checkpoint(tmp_path) / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["train_seconds"]  # as written before checkpoints kept the time
+    state_file.write_text(json.dumps(state))
+    [result] = fit(tiny_model(method), tiny_scorer(), method, train, validation, s, tmp_path, Accelerator(cpu=True),
+                   resume=True)
+    assert (result.resumed_seconds, result.timed_from_step) == (0.0, state["step"])
+    assert f"the checkpoint at step {state['step']} kept no training time" in capsys.readouterr().err
 
 class NaNAfter(Scorer):
     def __init__(self, calls: int):
