@@ -84,6 +84,7 @@ def test_learned_prior_lambda_is_the_conditional_kl_minimiser():
     fixed.kl_divergence().backward()
     assert fixed.lambda_raw.grad < 0  # the fixed prior's conditional KL pulls lambda up towards 1
 
+
 def test_flow_kl_equals_closed_form_when_flow_is_identity():
     with_flow, without_flow = _factor(flow=True), _factor(flow=False)
     with torch.no_grad():

@@ -74,7 +74,7 @@ def test_prior_control_sets_the_chosen_factors_exactly_to_their_prior(tmp_path):
     assert draws.var().item() == pytest.approx(factor.prior_scale ** 2, rel=0.05)
     with pytest.raises(ValueError, match="o_proj: not Bayesian modules"):
         script.to_prior(load_file(weights), adapter_config, ["o_proj"])
-    # a learned conditional prior scale (empirical Bayes) is the prior's: it stays, and the KL is still 0
+    # a learned conditional prior scale (empirical Bayes) is the prior's own: it stays, only q(U) goes to p(U)
     learned = {**adapter_config, "learn_prior_lambda": True}
     tensors, replaced = script.to_prior(posterior, learned, ["q_proj"])
     assert replaced == 4 * len(q_factors)
