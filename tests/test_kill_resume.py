@@ -202,11 +202,14 @@ def test_a_compare_killed_mid_unit_leaves_no_unit_running_and_a_rerun_reuses_fin
                                    stdout=log, stderr=subprocess.STDOUT)
         assert process.wait(timeout=300) == -signal.SIGKILL, (tmp_path / "compare.log").read_text()[-2000:]
     unit = int((tmp_path / "unit.pid").read_text())
-    deadline = time.monotonic() + 5
-    while (_running(unit) or is_in_use(output)) and time.monotonic() < deadline:
+    killed_unit = output / "runs" / "smoke_arith" / "map" / "seed-1"
+    # the unit (sleeping 30 s after the kill) must die with compare; on a busy machine that can take seconds
+    deadline = time.monotonic() + 20
+    while (_running(unit) or is_in_use(output) or is_in_use(killed_unit)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(unit), "the unit process outlived compare"
     assert not is_in_use(output), "compare's folder is still locked"
+    assert not is_in_use(killed_unit), "the killed unit's folder is still locked"
     finished = mark.read_bytes()
 
     capsys.readouterr()
