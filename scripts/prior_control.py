@@ -50,9 +50,11 @@ def to_prior(tensors: dict[str, torch.Tensor], config: dict, modules: list[str])
         raise ValueError(f"{', '.join(unknown)}: not Bayesian modules of this adapter "
                          f"(its Bayesian modules: {', '.join(bayesian) or 'none'})")
     learned_lambda = bool(config.get("learn_prior_lambda"))
-    if min(config["max_sd_u"], 1 if learned_lambda else config["max_lambda"]) < 1:
-        raise ValueError(f"the prior (inducing sd 1, lambda 1) is outside this adapter's caps "
-                         f"(max_sd_u {config['max_sd_u']}, max_lambda {config['max_lambda']})")
+    # the values the prior needs (sd 1, and lambda 1 unless lambda is the prior's own) must be within the caps
+    caps = ("max_sd_u",) if learned_lambda else ("max_sd_u", "max_lambda")
+    if any(config[cap] < 1 for cap in caps):
+        raise ValueError(f"the prior (1 for {', '.join(caps)}) is outside this adapter's caps "
+                         f"({', '.join(f'{cap} {config[cap]}' for cap in caps)})")
     changed, replaced = dict(tensors), 0
     for name, value in tensors.items():
         if set(name.split(".")) & set(modules) and (prior := prior_values(name, value, learned_lambda)) is not None:
