@@ -10,7 +10,9 @@ same task and seed instead of training an adapter; the base method joins the gri
 listed, so a post-hoc unit is the same however the grid was split into runs. Each unit runs in
 its own process and writes DIR/runs/<task>/<method>/seed-<seed>/: a `train` run directory, plus
 eval/<ood task>/ and, last, cost.json. A rerun skips finished units and resumes the others; one with
-different settings in the same DIR is refused. Several compares may share DIR (say `--methods mle` and
+different settings in the same DIR is refused. A finished base unit whose adapter is gone (a grid's results are
+committed, its weights never are) is trained again before its post-hoc units, and its new adapter is used only if
+it reproduces the unit's recorded test probabilities. Several compares may share DIR (say `--methods mle` and
 `--methods bayeslora` on two cores or GPUs): each unit's run folder is locked by the process running it and
 the others leave it alone, so each process runs the units no other is running. The tables cover every
 finished unit in DIR, also those of methods and seeds that earlier or concurrent runs added.
@@ -19,12 +21,15 @@ finished unit in DIR, also those of methods and seeds that earlier or concurrent
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bayeslora.errors import OutputInUseError, UsageError
 from bayeslora.files import write_atomically
@@ -40,6 +45,9 @@ SETTING_FLAGS = (*LOADING_SETTINGS, "scoring", "samples", "epochs", "max_steps",
 DEFAULTS = {"scoring": "cloze", "zero_shot": False}  # SmolLM2-135M is at chance with letters; the base is no unit
 #: a unit process's exit status when another process holds its run folder
 UNIT_IN_USE = 75
+#: the largest difference in a test probability a retrained adapter may show against its unit's predictions.jsonl
+#: (which rounds to 1e-6): a retraining on the same machine and thread count repeats the run exactly
+REBUILD_TOLERANCE = 1e-4
 #: settings each unit sets itself
 OWNED = dict.fromkeys(("model", "task", "task_file", "eval_file", "method", "method_options", "output", "seed", "adapter_from"))
 
@@ -176,26 +184,69 @@ def unit_finished(grid: Grid, task: str, method: str, seed: int) -> bool:
 
 def run_unit(grid: Grid, task: str, method: str, seed: int) -> None:
     """In its own process: the unit's `train` run (or its resumption), then cost.json; an error goes to error.txt."""
-    import torch
-
     from bayeslora.checkpoint import has_checkpoint
     from bayeslora.experiment import run_experiment
     from bayeslora.report import write_cost
+
+    directory = grid.unit_dir(task, method, seed)
+    with unit_process(directory):
+        resume = has_checkpoint(directory)
+        ood = [name for name in grid.eval_tasks(task) if name != task]
+        run = run_experiment(grid.settings(task, method, seed), ood, resume=resume, overwrite=not resume)
+        write_cost(directory, run, {task: run.evaluation, **run.extra_evaluations})
+
+
+def has_adapter(grid: Grid, task: str, method: str, seed: int) -> bool:
+    return (grid.unit_dir(task, method, seed) / "adapter_model.safetensors").is_file()
+
+
+def rebuild_adapter(grid: Grid, task: str, method: str, seed: int) -> None:
+    """In its own process: train a finished unit again, in <unit>/rebuild/ (resumable), for the adapter its
+    post-hoc units fit; the adapter joins the unit only if its test probabilities are the unit's recorded ones
+    (`REBUILD_TOLERANCE`), so a post-hoc unit never fits a different adapter than the one its base unit reported."""
+    from bayeslora.checkpoint import has_checkpoint
+    from bayeslora.evaluate import read_predictions
+    from bayeslora.experiment import run_experiment
+    from bayeslora.runs import RECORD, STATE
+
+    unit = grid.unit_dir(task, method, seed)
+    folder = unit / "rebuild"
+    with unit_process(unit):
+        resume = has_checkpoint(folder)
+        run_experiment(replace(grid.settings(task, method, seed), output=str(folder)), resume=resume,
+                       overwrite=not resume)
+        (recorded, gold), (rebuilt, rebuilt_gold) = read_predictions([unit / "predictions.jsonl"]), read_predictions(
+            [folder / "predictions.jsonl"])
+        if recorded.shape != rebuilt.shape or not gold.equal(rebuilt_gold):
+            raise UsageError(f"the retrained {method} adapter of {unit} was evaluated on other questions than the unit")
+        difference = (recorded - rebuilt).abs().max().item()
+        if difference > REBUILD_TOLERANCE:
+            raise UsageError(f"the retrained {method} adapter of {unit} does not repeat the unit (test probabilities "
+                             f"differ by up to {difference:.2g} > {REBUILD_TOLERANCE:g}; another machine or thread "
+                             f"count?); remove the unit and those of its post-hoc methods to run them all again")
+        with output_lock(unit):
+            for name in ("adapter_config.json", "adapter_model.safetensors", STATE, RECORD):
+                os.replace(folder / name, unit / name)
+            write_atomically(unit / "rebuilt.json", json.dumps({"max_probability_difference": difference}) + "\n")
+        shutil.rmtree(folder)
+
+
+@contextlib.contextmanager
+def unit_process(directory: Path) -> Iterator[None]:
+    """The frame of a unit's process: it ends with compare, an error goes to `directory`/error.txt and another
+    process holding the unit's folder exits with `UNIT_IN_USE`."""
+    import torch
 
     end_with_parent()  # no unit keeps writing unsupervised once compare is gone (SIGKILL included)
     # a forked child rebuilds torch's CPU thread pool on its first use; do it here, on one thread, before the
     # model loader's worker threads reach it together (they raced: "Invalid thread pool!", when the parent had
     # used torch before forking, as a test session does)
     torch.set_num_threads(torch.get_num_threads())
-    directory = grid.unit_dir(task, method, seed)
     (directory / "error.txt").unlink(missing_ok=True)
     try:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        resume = has_checkpoint(directory)
-        ood = [name for name in grid.eval_tasks(task) if name != task]
-        run = run_experiment(grid.settings(task, method, seed), ood, resume=resume, overwrite=not resume)
-        write_cost(directory, run, {task: run.evaluation, **run.extra_evaluations})
+        yield
     except OutputInUseError:  # another compare took the unit since the parent looked: it is that one's
         sys.exit(UNIT_IN_USE)
     except BaseException as error:
@@ -275,22 +326,29 @@ def _run_grid(grid: Grid) -> int:
             elsewhere.append(f"{task} / {method} / seed {seed}: {running_elsewhere}")
             print(f"{unit}: running in another process, left to it", flush=True)
             continue
+        steps = [(run_unit, method)]
+        if base and not has_adapter(grid, task, base, seed):
+            print(f"{unit}: {base}'s unit kept its results but not its adapter; training it again", flush=True)
+            steps.insert(0, (rebuild_adapter, base))
         print(unit, flush=True)
-        process = context.Process(target=run_unit, args=(grid, task, method, seed))
-        process.start()
-        try:
-            process.join()
-        except KeyboardInterrupt:
-            process.terminate()
-            process.join()
-            print("interrupted: finished units are kept; rerun the same command to continue", flush=True)
-            return 130
-        if process.exitcode == UNIT_IN_USE:
-            elsewhere.append(f"{task} / {method} / seed {seed}: {running_elsewhere}")
-        elif process.exitcode != 0:
-            error = grid.unit_dir(task, method, seed) / "error.txt"
-            reason = error.read_text().strip() if error.is_file() else f"exit code {process.exitcode}"
-            failures.append(f"{task} / {method} / seed {seed}: {reason}")
+        for target, ran in steps:
+            process = context.Process(target=target, args=(grid, task, ran, seed))
+            process.start()
+            try:
+                process.join()
+            except KeyboardInterrupt:
+                process.terminate()
+                process.join()
+                print("interrupted: finished units are kept; rerun the same command to continue", flush=True)
+                return 130
+            if process.exitcode == UNIT_IN_USE:
+                elsewhere.append(f"{task} / {method} / seed {seed}: {running_elsewhere}")
+            elif process.exitcode != 0:
+                error = grid.unit_dir(task, ran, seed) / "error.txt"
+                reason = error.read_text().strip() if error.is_file() else f"exit code {process.exitcode}"
+                failures.append(f"{task} / {method} / seed {seed}: {reason}")
+            if process.exitcode != 0:
+                break
     with output_lock(grid.output, wait=True):
         write_tables(with_finished_units(grid))
     print(f"wrote {grid.output / 'table.md'} and {grid.output / 'table.json'}")

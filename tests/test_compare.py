@@ -204,3 +204,48 @@ def test_a_post_hoc_unit_whose_base_unit_failed_is_a_failure_not_a_silent_skip(t
     assert main(command) == 1
     printed = capsys.readouterr().out
     assert "failed: smoke_arith / temperature / seed 1: its base unit (map) did not finish" in printed
+
+
+def test_a_base_unit_whose_adapter_is_gone_is_trained_again_and_its_adapter_used_only_if_it_repeats_the_unit(
+        tmp_path, capsys):
+    """A grid's results are committed and its weights are not: in a new checkout map's unit is finished but has no
+    adapter. Its post-hoc units then train it again, and use the new adapter only if its test probabilities are the
+    unit's recorded ones; otherwise the post-hoc unit fails, naming the difference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    output = tmp_path / "checkout"
+    command = ["compare", "--preset", "smoke", "--methods", "temperature", "--output", str(output)]
+    runs = output / "runs/smoke_arith"
+    adapter_files = ("adapter_config.json", "adapter_model.safetensors", "method_state.safetensors", "method.json")
+    try:
+        assert main(command) == 0
+        trained = load_file(runs / "map/seed-1/adapter_model.safetensors")
+        recorded = (runs / "map/seed-1/predictions.jsonl").read_text()
+        fitted = json.loads((runs / "temperature/seed-1/cost.json").read_text())["method_values"]["temperature"]
+        for name in adapter_files:  # what a fresh clone of the committed grid lacks
+            (runs / "map/seed-1" / name).unlink()
+        for path in sorted((runs / "temperature/seed-1").rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+
+        rows = [json.loads(line) for line in recorded.splitlines()]
+        rows[0]["probabilities"][0] += 0.01  # the recorded run and the retrained one disagree
+        (runs / "map/seed-1/predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        capsys.readouterr()
+        assert main(command) == 1
+        printed = capsys.readouterr().out
+        assert "map's unit kept its results but not its adapter; training it again" in printed
+        assert "does not repeat the unit (test probabilities differ by up to 0.01 > 0.0001" in printed
+        assert not (runs / "map/seed-1/adapter_model.safetensors").exists()
+        assert not (runs / "temperature/seed-1/cost.json").exists()
+
+        (runs / "map/seed-1/predictions.jsonl").write_text(recorded)
+        assert main(command) == 0
+        rebuilt = load_file(runs / "map/seed-1/adapter_model.safetensors")
+        assert rebuilt.keys() == trained.keys() and all(torch.equal(rebuilt[k], trained[k]) for k in trained)
+        assert all((runs / "map/seed-1" / name).is_file() for name in adapter_files)
+        assert json.loads((runs / "map/seed-1/rebuilt.json").read_text())["max_probability_difference"] == 0.0
+        assert not (runs / "map/seed-1/rebuild").exists()
+        assert (runs / "map/seed-1/predictions.jsonl").read_text() == recorded
+        assert json.loads((runs / "temperature/seed-1/cost.json").read_text())["method_values"]["temperature"] == fitted
+    finally:
+        torch.set_num_threads(threads)
