@@ -205,11 +205,23 @@ def expected_adapter_tensors(peft_model: PeftModel, adapter_name: str, saved: Ma
     """What a saved adapter of `peft_model` must hold: peft's state dict of the adapter, except the posterior-mean
     `weight` of a Bayesian factor when `saved` lacks it (derived on saving for plain peft, never loaded; adapters
     saved before it was added do not have it)."""
-    expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    with whole_factor_vectors():
+        expected = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     suffix = f".{adapter_name}"
     derived = {name.removesuffix(suffix) + ".weight" for name, module in peft_model.named_modules()
                if isinstance(module, InducingFactor) and name.endswith(suffix)}
     return {key: value for key, value in expected.items() if key not in derived or key in saved}
+
+
+@contextmanager
+def whole_factor_vectors() -> Iterator[None]:
+    """Around peft's state-dict reads of a model whose tensors are whole (not ZeRO-3 / FSDP shards): peft (0.21.2
+    on) warns about any 1-D tensor under lora_A, taking it for an ungathered shard, but a Bayesian factor's
+    scales (`d_row_raw`, `z_row_rho`, `lambda_raw`, ...) are vectors and scalars by design. That warning only is
+    silenced; a sharded model is gathered before it is saved (`experiment`), so there it is never true."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Adapter .*LoRA tensor\(s\) have invalid shape")
+        yield
 
 
 def check_adapter(name_or_path: str | os.PathLike, model_config: PretrainedConfig, **hub_options: Any) -> None:

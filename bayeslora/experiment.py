@@ -44,6 +44,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from bayeslora.adapter import whole_factor_vectors
 from bayeslora.checkpoint import check_output_dir, start_run_dir
 from bayeslora.errors import UsageError
 from bayeslora.evaluate import evaluate, write_outputs
@@ -199,7 +200,8 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
     # base weights of adapted embedding layers too); elsewhere peft reads the model's own
     state_dict = accelerator.get_state_dict(model) if sharded else None
     if main:
-        write_files_atomically(output, lambda folder: model.save_pretrained(folder, state_dict=state_dict))
+        with whole_factor_vectors():
+            write_files_atomically(output, lambda folder: model.save_pretrained(folder, state_dict=state_dict))
         save_method_state(output, method, options=settings.method_options, lora=lora, model=settings.model,
                           loading=settings.loading(), evaluation=evaluation_record(settings))
         summary = {"n_train": len(train), "n_validation": len(validation), "train_seconds": train_seconds,
