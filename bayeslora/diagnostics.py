@@ -8,7 +8,11 @@ Per optimizer step (`posterior_state`):
   sum (d_out d_in / 2)(lambda^2 - 1 - 2 log lambda); the training log divides both by N_train;
 - `relative_update`: per target module name (`q_proj`, ...), the mean over layers of
   ||Delta W|| / ||W|| (Frobenius norms), Delta W = scaling * B A of the posterior-mean factors
-  (of the plain factors on non-Bayesian targets): how far the adapter moved the base weight.
+  (of the plain factors on non-Bayesian targets): how far the adapter moved the base weight;
+- `inducing_variance_share`: per Bayesian factor (`q_proj.lora_A`, ...), the mean over layers of the
+  share of a weight draw's variance tr Cov(W) that comes from q(U) rather than from the conditional
+  noise (`inducing.draw_variance_parts`). Near 0, the learned posterior over the inducing weights
+  cannot show in the predictions: the draws' spread is the conditional noise, set by lambda alone.
 
 Per validation (`draw_disagreement`): the mean mutual information between the answer and the
 draw (nats) and the mean spread of the choice log-probabilities over draws (see `predictive`).
@@ -25,7 +29,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from bayeslora.adapter import bayesian_factors, factor_groups
-from bayeslora.inducing import MEAN, InducingFactor, draw_weights, kl_parts
+from bayeslora.inducing import MEAN, InducingFactor, draw_variance_parts, draw_weights, kl_parts
 
 #: a mean mutual information below this is float rounding, not disagreement between draws (nats)
 MI_FLOAT_FLOOR = 1e-6
@@ -48,7 +52,23 @@ def posterior_state(model: nn.Module) -> dict[str, Any]:
         "kl_inducing": torch.cat(inducing).sum().item(),
         "kl_conditional": torch.cat(conditional).sum().item(),
         "relative_update": relative_updates(model),
+        "inducing_variance_share": inducing_variance_shares(model),
     }
+
+
+@torch.no_grad()
+def inducing_variance_shares(model: nn.Module) -> dict[str, float]:
+    """Per Bayesian factor (`<target>.lora_A` / `.lora_B`): mean over layers of the share of a draw's variance
+    from q(U). A fixed generator makes the flow's Monte Carlo estimate repeatable from step to step."""
+    names = {id(module): name for name, module in model.named_modules() if isinstance(module, InducingFactor)}
+    generator = torch.Generator(device=next(bayesian_factors(model)).u_mean.device).manual_seed(0)
+    shares: dict[str, list[float]] = defaultdict(list)
+    for group in factor_groups(model):
+        inducing, conditional = draw_variance_parts(group, generator=generator)
+        for factor, share in zip(group, (inducing / (inducing + conditional)).tolist()):
+            target, factor_name = names[id(factor)].split(".")[-3:-1]  # ...q_proj.lora_A.<adapter>
+            shares[f"{target}.{factor_name}"].append(share)
+    return {name: sum(values) / len(values) for name, values in shares.items()}
 
 
 @torch.no_grad()

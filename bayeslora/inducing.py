@@ -219,6 +219,12 @@ def _jittered_cholesky(k: torch.Tensor) -> torch.Tensor:
     return torch.linalg.cholesky(k + jitter[:, None, None] * eye)
 
 
+def _whitened_projection(z_prior: torch.Tensor, d: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, L^-1 Z) with L L^T = Z_prior Z_prior^T + D^2 (Z_prior: the perturbed locations of a draw, or Z)."""
+    chol = _jittered_cholesky(z_prior @ z_prior.mT + torch.diag_embed(d.square()))
+    return chol, torch.linalg.solve_triangular(chol, z, upper=False)
+
+
 def draw_weights(
     factors: Sequence[InducingFactor], mode: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -234,10 +240,8 @@ def draw_weights(
         z_row, z_col = p["z_row"], p["z_col"]
         if mode == SAMPLE:
             z_row, z_col = _perturbed(z_row, p["z_row_rho"], generator), _perturbed(z_col, p["z_col_rho"], generator)
-        chol_row = _jittered_cholesky(z_row @ z_row.mT + torch.diag_embed(d_row.square()))
-        chol_col = _jittered_cholesky(z_col @ z_col.mT + torch.diag_embed(d_col.square()))
-        a_row = torch.linalg.solve_triangular(chol_row, p["z_row"], upper=False)  # L_r^-1 Z_r : G x m_r x d_out
-        a_col = torch.linalg.solve_triangular(chol_col, p["z_col"], upper=False)  # L_c^-1 Z_c : G x m_c x d_in
+        chol_row, a_row = _whitened_projection(z_row, d_row, p["z_row"])  # A_r = L_r^-1 Z_r : G x m_r x d_out
+        chol_col, a_col = _whitened_projection(z_col, d_col, p["z_col"])  # A_c = L_c^-1 Z_c : G x m_c x d_in
 
         def random(*shape: int) -> torch.Tensor:
             return torch.randn(len(factors), *shape, generator=generator, device=a_row.device)
@@ -261,6 +265,51 @@ def draw_weights(
             + torch.linalg.solve_triangular(chol_row, d_row[:, :, None] * e3_projected, upper=False)
         )
         return template.prior_scale * (a_row.mT @ (v - lam * v_bar) @ a_col + lam * e1)
+
+
+@torch.no_grad()
+def draw_variance_parts(
+    factors: Sequence[InducingFactor], draws: int = 64, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much of a posterior draw's spread q(U) carries: tr Cov(W) of each of G factors, split into
+    (the part from q(U), the part from the conditional noise), each of shape (G,).
+
+    V and the conditional noise are independent, so with G_r = A_r A_r^T and G_c = A_c A_c^T:
+
+        from q(U)         sigma_p^2 E tr((V - E V)^T G_r (V - E V) G_c)
+        conditional       sigma_p^2 lambda^2 tr(Sigma_W) = sigma_p^2 lambda^2 (d_out d_in - tr G_r tr G_c)
+
+    Without a flow, Cov(V) = diag(S^2) and the first is sigma_p^2 sum_ij S_ij^2 (G_r)_ii (G_c)_jj; with
+    one it is estimated from `draws` draws of V. Both at the unperturbed inducing locations (the released
+    Z perturbation, 1% of Z, is left out). The conditional part dwarfs the other unless lambda is small:
+    it spans d_out d_in - m_r m_c directions of W, q(U) only m_r m_c.
+    """
+    template = factors[0]
+    with _fp32_region(template.u_mean):
+        p = _stacked(factors)
+        _, a_row = _whitened_projection(p["z_row"], F.softplus(p["d_row_raw"]), p["z_row"])
+        _, a_col = _whitened_projection(p["z_col"], F.softplus(p["d_col_raw"]), p["z_col"])
+        gram_row, gram_col = a_row @ a_row.mT, a_col @ a_col.mT
+        sd = F.softplus(p["u_sd_raw"]).clamp(max=template.max_sd_u)
+        if template.flow is None:
+            inducing = (sd.square() * gram_row.diagonal(dim1=-2, dim2=-1)[:, :, None]
+                        * gram_col.diagonal(dim1=-2, dim2=-1)[:, None, :]).sum(dim=(-2, -1))
+        else:
+            groups, rows, cols = sd.shape
+            v0 = p["u_mean"][:, None] + sd[:, None] * torch.randn(groups, draws, rows, cols, generator=generator,
+                                                                  device=sd.device)
+            # the flow acts on each row alone: the draws' rows go through it as one stack
+            v = template.flow.apply_stacked(_flow_parameters(p), v0.reshape(groups, draws * rows, cols))[0]
+            centred = v.reshape(groups, draws, rows, cols)
+            centred = centred - centred.mean(dim=1, keepdim=True)
+            inducing = (centred.mT @ gram_row[:, None] @ centred @ gram_col[:, None]).diagonal(dim1=-2, dim2=-1)
+            inducing = inducing.sum(-1).mean(1)
+            inducing = inducing * draws / max(draws - 1, 1)  # unbiased
+        lam = F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda)
+        trace_sigma_w = template.out_features * template.in_features - gram_row.diagonal(dim1=-2, dim2=-1).sum(-1) \
+            * gram_col.diagonal(dim1=-2, dim2=-1).sum(-1)
+        scale = template.prior_scale ** 2
+        return scale * inducing, scale * lam.square() * trace_sigma_w
 
 
 def kl_parts(factors: Sequence[InducingFactor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,8 @@
 Reads what a `train` run wrote (train_log.jsonl, training.json, results.json) and
 prints, at a few steps through training, the scale parameters (lambda and the
 inducing sd), the KL per training example split into its inducing and
-conditional parts and the relative update ||Delta W|| / ||W|| per target module;
-then the validation history (NLL, mutual information, draw spread) and the
+conditional parts, the relative update ||Delta W|| / ||W|| per target module and
+the share of a weight draw's variance that comes from q(U) per Bayesian factor; then the validation history (NLL, mutual information, draw spread) and the
 evaluation's mutual information on wrong and right answers. The last line is a
 verdict: whether the draws disagree at all.
 """
@@ -78,6 +78,10 @@ def training_table(records: list[dict]) -> Table:
     targets = sorted({name for record in shown for name in record.get("relative_update", {})})
     for target in targets:
         table.add_row(f"||dW|| / ||W||, {target}", *(_number(record.get("relative_update", {}).get(target)) for record in shown))
+    factors = sorted({name for record in shown for name in record.get("inducing_variance_share", {})})
+    for factor in factors:
+        table.add_row(f"draw variance from q(U), {factor}",
+                      *(_number(record.get("inducing_variance_share", {}).get(factor)) for record in shown))
     return table
 
 

@@ -63,6 +63,32 @@ def test_relative_update_is_the_dense_norm_ratio_averaged_over_layers():
         assert state["relative_update"][target] > 0
 
 
+def test_inducing_variance_share_is_the_dense_share_averaged_over_layers():
+    # one factor's share by hand: S^2 summed with the squared column norms of P = A_r^T (x) A_c^T, over that plus
+    # lambda^2 tr(Sigma_W) = lambda^2 (d_out d_in - ||A_r||^2 ||A_c||^2)
+    model = _model()
+    expected = {"q_proj.lora_A": [], "q_proj.lora_B": []}
+    for name, module in model.named_modules():
+        if not isinstance(module, bayeslora.InducingFactor):
+            continue
+        with torch.no_grad():
+            def whitened(z, d_raw):
+                k = z.double() @ z.double().T + torch.diag(torch.nn.functional.softplus(d_raw.double()) ** 2)
+                k = k + 1e-5 * k.diagonal().mean() * torch.eye(len(k), dtype=torch.float64)
+                return torch.linalg.inv(torch.linalg.cholesky(k)) @ z.double()
+
+            a_r, a_c = whitened(module.z_row, module.d_row_raw), whitened(module.z_col, module.d_col_raw)
+            inducing = (module.u_sd.double() ** 2 * (a_r**2).sum(1)[:, None] * (a_c**2).sum(1)[None, :]).sum()
+            conditional = module.lam.double() ** 2 * (module.out_features * module.in_features
+                                                      - (a_r**2).sum() * (a_c**2).sum())
+        expected[".".join(name.split(".")[-3:-1])].append((inducing / (inducing + conditional)).item())
+    shares = posterior_state(model)["inducing_variance_share"]
+    assert set(shares) == set(expected)
+    for factor, values in expected.items():
+        assert shares[factor] == pytest.approx(sum(values) / len(values), rel=1e-4)
+        assert 0 < shares[factor] < 1
+
+
 def test_collapse_is_reported_only_at_the_float_floor():
     state = posterior_state(_model())
     message = collapse_message(MI_FLOAT_FLOOR / 10, state)

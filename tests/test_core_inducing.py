@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.distributions as td
 
@@ -209,3 +210,38 @@ def test_z_perturbation_acts_on_draws_only():
     draw = factor.sample_weight(torch.Generator().manual_seed(1))
     draw.sum().backward()
     assert factor.z_row_rho.grad.abs().sum() > 0
+
+
+def test_draw_variance_parts_are_the_dense_traces():
+    # without a flow both parts are closed form: sigma_p^2 tr(P diag(S^2) P^T) and sigma_p^2 lambda^2 tr(Sigma_W)
+    from bayeslora.inducing import draw_variance_parts
+
+    factor = _factor(flow=False, max_lambda=1.0, lambda_init=0.5, max_sd_u=1.0, sd_init=0.3)
+    with torch.no_grad():
+        factor.u_sd_raw.uniform_(-2.0, 0.5)
+    projection, sigma = _dense_prior(factor)
+    scale, lam = factor.prior_scale, factor.lam.detach().double()
+    sd = factor.u_sd.detach().double().flatten()
+    inducing, conditional = draw_variance_parts([factor])
+    assert inducing.item() == pytest.approx((scale**2 * (projection**2 @ sd**2).sum()).item(), rel=1e-4)
+    assert conditional.item() == pytest.approx((scale**2 * lam**2 * sigma.trace()).item(), rel=1e-4)
+
+
+def test_draw_variance_parts_with_a_flow_add_up_to_the_variance_of_weight_draws():
+    from bayeslora.inducing import draw_variance_parts
+
+    factor = _factor(flow=True, max_lambda=1.0, lambda_init=0.2, max_sd_u=1.0, sd_init=0.5)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for parameter in factor.flow.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+        factor.z_row_rho.fill_(-30.0)  # no Z perturbation: the parts are defined at the unperturbed locations
+        factor.z_col_rho.fill_(-30.0)
+    samples = _weight_samples(factor, 40000)
+    inducing, conditional = draw_variance_parts([factor], draws=20000, generator=torch.Generator().manual_seed(0))
+    total = samples.var(0).sum().item()
+    assert (inducing + conditional).item() == pytest.approx(total, rel=0.03)
+    with torch.no_grad():
+        factor.lambda_raw.fill_(-30.0)  # conditional noise off: every bit of the variance is q(U)'s
+    samples = _weight_samples(factor, 40000)
+    assert inducing.item() == pytest.approx(samples.var(0).sum().item(), rel=0.03)

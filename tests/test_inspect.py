@@ -22,9 +22,11 @@ def test_inspect_prints_the_posterior_of_a_trained_run(tmp_path, capsys):
     printed = capsys.readouterr().out
     log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
     results = json.loads((output / "results.json").read_text())
-    for label in ("lambda mean", "inducing sd max", "KL / example, conditional", "||dW|| / ||W||, q_proj", "validation"):
+    for label in ("lambda mean", "inducing sd max", "KL / example, conditional", "||dW|| / ||W||, q_proj", "validation",
+                  "draw variance from q(U), q_proj.lora_A"):
         assert label in printed
     assert f"{log[-1]['lambda_mean']:.3g}" in printed
+    assert f"{log[-1]['inducing_variance_share']['q_proj.lora_B']:.3g}" in printed
     verdict = printed.strip().splitlines()[-1]
     assert verdict.startswith("the draws disagree: evaluation mutual information")
     assert f"{results['mutual_information']:.3g}" in verdict
