@@ -290,10 +290,10 @@ def draw_variance_parts(
         _, a_row = _whitened_projection(p["z_row"], F.softplus(p["d_row_raw"]), p["z_row"])
         _, a_col = _whitened_projection(p["z_col"], F.softplus(p["d_col_raw"]), p["z_col"])
         gram_row, gram_col = a_row @ a_row.mT, a_col @ a_col.mT
+        diag_row, diag_col = gram_row.diagonal(dim1=-2, dim2=-1), gram_col.diagonal(dim1=-2, dim2=-1)
         sd = F.softplus(p["u_sd_raw"]).clamp(max=template.max_sd_u)
         if template.flow is None:
-            inducing = (sd.square() * gram_row.diagonal(dim1=-2, dim2=-1)[:, :, None]
-                        * gram_col.diagonal(dim1=-2, dim2=-1)[:, None, :]).sum(dim=(-2, -1))
+            inducing = (sd.square() * diag_row[:, :, None] * diag_col[:, None, :]).sum(dim=(-2, -1))
         else:
             groups, rows, cols = sd.shape
             v0 = p["u_mean"][:, None] + sd[:, None] * torch.randn(groups, draws, rows, cols, generator=generator,
@@ -306,8 +306,7 @@ def draw_variance_parts(
             inducing = inducing.sum(-1).mean(1)
             inducing = inducing * draws / max(draws - 1, 1)  # unbiased
         lam = F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda)
-        trace_sigma_w = template.out_features * template.in_features - gram_row.diagonal(dim1=-2, dim2=-1).sum(-1) \
-            * gram_col.diagonal(dim1=-2, dim2=-1).sum(-1)
+        trace_sigma_w = template.out_features * template.in_features - diag_row.sum(-1) * diag_col.sum(-1)
         scale = template.prior_scale ** 2
         return scale * inducing, scale * lam.square() * trace_sigma_w
 

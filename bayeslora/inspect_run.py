@@ -4,7 +4,8 @@ Reads what a `train` run wrote (train_log.jsonl, training.json, results.json) an
 prints, at a few steps through training, the scale parameters (lambda and the
 inducing sd), the KL per training example split into its inducing and
 conditional parts, the relative update ||Delta W|| / ||W|| per target module and
-the share of a weight draw's variance that comes from q(U) per Bayesian factor; then the validation history (NLL, mutual information, draw spread) and the
+the share of a weight draw's variance that comes from q(U) per Bayesian factor;
+then the validation history (NLL, mutual information, draw spread) and the
 evaluation's mutual information on wrong and right answers. The last line is a
 verdict: whether the draws disagree at all.
 """
@@ -75,13 +76,10 @@ def training_table(records: list[dict]) -> Table:
             ("lambda max", "lambda_max"), ("inducing sd mean", "sd_mean"), ("inducing sd max", "sd_max")]
     for label, key in rows:
         table.add_row(label, *(_number(record.get(key)) for record in shown))
-    targets = sorted({name for record in shown for name in record.get("relative_update", {})})
-    for target in targets:
-        table.add_row(f"||dW|| / ||W||, {target}", *(_number(record.get("relative_update", {}).get(target)) for record in shown))
-    factors = sorted({name for record in shown for name in record.get("inducing_variance_share", {})})
-    for factor in factors:
-        table.add_row(f"draw variance from q(U), {factor}",
-                      *(_number(record.get("inducing_variance_share", {}).get(factor)) for record in shown))
+    # per target module, and per Bayesian factor: one row per name found in the shown records
+    for label, key in (("||dW|| / ||W||", "relative_update"), ("draw variance from q(U)", "inducing_variance_share")):
+        for name in sorted({name for record in shown for name in record.get(key, {})}):
+            table.add_row(f"{label}, {name}", *(_number(record.get(key, {}).get(name)) for record in shown))
     return table
 
 
