@@ -64,6 +64,11 @@ class BayesLoraConfig(LoraConfig):
         metadata={"help": "Empirical Bayes on the conditional prior's scale: it follows lambda, the conditional KL is 0 "
                           "and the data alone set lambda (an ablation; docs/method.md, \"Defaults\")."},
     )
+    noise_scales: bool = field(
+        default=False,
+        metadata={"help": "Learn a scale of the conditional noise per row and per column of each factor, with their "
+                          "exact KL, so the data choose where the draws spread (docs/method.md, \"Noise scales\")."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,7 +81,7 @@ class BayesLoraConfig(LoraConfig):
             value = getattr(self, name)
             if not _is_number(value) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        for name in ("flow", "learn_prior_lambda"):
+        for name in ("flow", "learn_prior_lambda", "noise_scales"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bayesian_modules is not None and not isinstance(self.bayesian_modules, (str, list, tuple, set)):
@@ -124,4 +129,5 @@ class BayesLoraConfig(LoraConfig):
             "flow_hidden": self.flow_hidden,
             "flow_blocks": self.flow_blocks,
             "learn_prior_lambda": self.learn_prior_lambda,
+            "noise_scales": self.noise_scales,
         }

@@ -5,10 +5,13 @@ Per optimizer step (`posterior_state`):
 - `sd_mean`, `sd_max`: the standard deviations of q0 over all inducing entries;
 - `kl_inducing`, `kl_conditional`: the model's KL in nats, split into the part over the
   inducing matrices (KL(q(V) || N(0, I)), flow included) and the conditional part
-  sum (d_out d_in / 2)(lambda^2 - 1 - 2 log lambda); the training log divides both by N_train;
+  sum (d_out d_in / 2)(lambda^2 - 1 - 2 log lambda) (with noise scales, `inducing.kl_parts`'s);
+  the training log divides both by N_train;
 - `relative_update`: per target module name (`q_proj`, ...), the mean over layers of
   ||Delta W|| / ||W|| (Frobenius norms), Delta W = scaling * B A of the posterior-mean factors
   (of the plain factors on non-Bayesian targets): how far the adapter moved the base weight;
+- `noise_scale_min`, `noise_scale_max` (with `noise_scales` only): the range over all entries of W of
+  the conditional noise's scale lambda r_i c_j (1 is the prior's): where the data shrank the draws' spread;
 - `inducing_variance_share`: per Bayesian factor (`q_proj.lora_A`, ...), the mean over layers of the
   share of a weight draw's variance tr Cov(W) that comes from q(U) rather than from the conditional
   noise (`inducing.draw_variance_parts`). Near 0, the learned posterior over the inducing weights
@@ -44,7 +47,7 @@ def posterior_state(model: nn.Module) -> dict[str, Any]:
     lambdas = torch.stack([factor.lam for factor in factors])
     sds = torch.cat([factor.u_sd.flatten() for factor in factors])
     inducing, conditional = zip(*(kl_parts(group) for group in factor_groups(model)))
-    return {
+    state = {
         "lambda_mean": lambdas.mean().item(),
         "lambda_max": lambdas.max().item(),
         "sd_mean": sds.mean().item(),
@@ -54,6 +57,11 @@ def posterior_state(model: nn.Module) -> dict[str, Any]:
         "relative_update": relative_updates(model),
         "inducing_variance_share": inducing_variance_shares(model),
     }
+    if any(factor.noise_scales for factor in factors):
+        # the conditional noise's sd of one entry over the prior's, lambda r_i c_j: its range over all entries
+        state["noise_scale_min"] = min((f.lam * f.noise_row.min() * f.noise_col.min()).item() for f in factors)
+        state["noise_scale_max"] = max((f.lam * f.noise_row.max() * f.noise_col.max()).item() for f in factors)
+    return state
 
 
 @torch.no_grad()

@@ -38,6 +38,25 @@ KL(q || p) per factor, in whitened coordinates:
 The middle term is zero when the flow is the identity, so the Monte Carlo KL
 then equals the closed form exactly.
 
+Noise scales (`noise_scales=True`): one scalar lambda scales the conditional noise
+alike in every direction, and its KL prices every entry of W the same, so the data
+cannot choose where the draws spread. With noise scales the conditional posterior is
+
+    W | U ~ sigma_p * N(T_r U T_c, S D^2 S),   D = lambda diag(r) (x) diag(c),  S = Sigma_W^(1/2),
+
+with a learned scale r_i per row and c_j per column. Its KL to the prior's conditional
+is, exactly (S^-1 (S D^2 S) S^-1 = D^2),
+
+    (1/2) (lambda^2 sum(r^2) sum(c^2) - d_out d_in - 2 log det D),
+    log det D = d_out d_in log lambda + d_in sum(log r) + d_out sum(log c),
+
+so one row's or one column's scale costs a few nats and the data can shrink the
+noise where it hurts the likelihood and leave it elsewhere. The symmetric root S keeps
+the prior's near-null directions (those U pins down) nearly free of noise, which
+S D^2 S with any D respects and D Sigma_W D would not. S needs the eigenvectors of the
+m x m Grams A A^T (see `_conditional_root`); at r = c = 1 the draws have Matheron's
+distribution, N(0, lambda^2 Sigma_W).
+
 Speed: a model has many factors of few distinct shapes (all q_proj A factors,
 say). The maths below is written for a stack of G same-shaped factors at once
 (`draw_weights`, `kl_terms`), so that a model-wide draw costs a few dozen
@@ -104,6 +123,7 @@ class InducingFactor(nn.Module):
         flow_hidden: int = 16,
         flow_blocks: int = 2,
         learn_prior_lambda: bool = False,
+        noise_scales: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
@@ -120,12 +140,16 @@ class InducingFactor(nn.Module):
         self.u_mean = nn.Parameter(torch.randn(inducing_rows, inducing_cols))
         self.u_sd_raw = nn.Parameter(torch.full((inducing_rows, inducing_cols), inverse_softplus(sd_init)))
         self.lambda_raw = nn.Parameter(torch.tensor(inverse_softplus(lambda_init)))
+        if noise_scales:  # per row and per column of W, multiplying lambda (see the module docstring)
+            self.noise_row_raw = nn.Parameter(torch.full((out_features,), inverse_softplus(1.0)))
+            self.noise_col_raw = nn.Parameter(torch.full((in_features,), inverse_softplus(1.0)))
+        self.noise_scales = noise_scales
         self.flow = (
             RowwiseAutoregressiveFlow(inducing_cols, flow_hidden, flow_blocks) if flow else None
         )
         # everything that must agree for factors to be drawn as one batch, except the device
         self._batch_key = (out_features, in_features, inducing_rows, inducing_cols, self.prior_scale, max_lambda,
-                           max_sd_u, flow and (flow_hidden, flow_blocks), learn_prior_lambda)
+                           max_sd_u, flow and (flow_hidden, flow_blocks), learn_prior_lambda, noise_scales)
         self.reset_sampling()
 
     def signature(self) -> tuple:
@@ -148,6 +172,20 @@ class InducingFactor(nn.Module):
     @property
     def u_sd(self) -> torch.Tensor:
         return F.softplus(self.u_sd_raw.float()).clamp(max=self.max_sd_u)
+
+    @property
+    def noise_row(self) -> torch.Tensor:
+        """The conditional noise's scale per row of W (ones without `noise_scales`)."""
+        if not self.noise_scales:
+            return torch.ones(self.out_features, device=self.u_mean.device)
+        return F.softplus(self.noise_row_raw.float())
+
+    @property
+    def noise_col(self) -> torch.Tensor:
+        """The conditional noise's scale per column of W (ones without `noise_scales`)."""
+        if not self.noise_scales:
+            return torch.ones(self.in_features, device=self.u_mean.device)
+        return F.softplus(self.noise_col_raw.float())
 
     # ----- one factor: thin wrappers of the batched maths ------------------------------
     def mean_weight(self) -> torch.Tensor:
@@ -225,6 +263,40 @@ def _whitened_projection(z_prior: torch.Tensor, d: torch.Tensor, z: torch.Tensor
     return chol, torch.linalg.solve_triangular(chol, z, upper=False)
 
 
+def _conditional_root(a_row: torch.Tensor, a_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The symmetric root S of Sigma_W = I - (A_r^T A_r) (x) (A_c^T A_c), as (Q_r, Q_c, shrink) with
+
+        S X = X - Q_r (shrink * (Q_r^T X Q_c)) Q_c^T   for X of W's shape,
+
+    where A_r^T A_r = Q_r diag(alpha) Q_r^T (Q_r: d_out x m_r, orthonormal columns), likewise A_c with beta,
+    and shrink = 1 - sqrt(1 - alpha beta^T). The eigenvalues lie in (0, 1) and often crowd near 1
+    (small D), so the m x m eigenproblems are solved in float64, where their gradients stay accurate;
+    1 - alpha beta is floored at 0 for draws whose perturbed Z puts an eigenvalue a hair above 1.
+    """
+
+    def eigenbasis(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, vectors = torch.linalg.eigh((a @ a.mT).double())
+        # more inducing rows than W has (9 for LoRA's rank 8): the surplus eigenvalues are 0 and their
+        # directions do not exist in W; they are dropped (zero basis columns) rather than divided by 0
+        present = values > 1e-9 * values.amax(-1, keepdim=True)
+        inverse_root = torch.where(present, values.clamp(min=1e-300).rsqrt(), 0.0)
+        return torch.where(present, values, 0.0), a.mT.double() @ vectors * inverse_root[:, None, :]
+
+    alpha, q_row = eigenbasis(a_row)
+    beta, q_col = eigenbasis(a_col)
+    shrink = 1.0 - (1.0 - alpha[:, :, None] * beta[:, None, :]).clamp(min=0.0).sqrt()
+    return q_row.to(a_row.dtype), q_col.to(a_row.dtype), shrink.to(a_row.dtype)
+
+
+def _scaled_conditional_noise(
+    root: tuple[torch.Tensor, torch.Tensor, torch.Tensor], noise: torch.Tensor, row: torch.Tensor, col: torch.Tensor
+) -> torch.Tensor:
+    """S (diag(row) E diag(col)) for standard normal E: a draw of N(0, S D^2 S), D = diag(row) (x) diag(col)."""
+    q_row, q_col, shrink = root
+    x = row[:, :, None] * noise * col[:, None, :]
+    return x - q_row @ (shrink * (q_row.mT @ x @ q_col)) @ q_col.mT
+
+
 def draw_weights(
     factors: Sequence[InducingFactor], mode: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -257,6 +329,10 @@ def draw_weights(
         lam = F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda)[:, None, None]
         m_r, m_c, d_in = v.shape[1], v.shape[2], a_col.shape[2]
         e1 = random(template.out_features, d_in)
+        if template.noise_scales:
+            row, col = F.softplus(p["noise_row_raw"]), F.softplus(p["noise_col_raw"])
+            noise = _scaled_conditional_noise(_conditional_root(a_row, a_col), e1, row, col)
+            return template.prior_scale * (a_row.mT @ v @ a_col + lam * noise)
         e2, e3 = random(m_r, m_c), random(m_r, d_in)
         e3_projected = e3 @ a_col.mT
         v_bar = (
@@ -278,6 +354,7 @@ def draw_variance_parts(
 
         from q(U)         sigma_p^2 E tr((V - E V)^T G_r (V - E V) G_c)
         conditional       sigma_p^2 lambda^2 tr(Sigma_W) = sigma_p^2 lambda^2 (d_out d_in - tr G_r tr G_c)
+                          (with noise scales, sigma_p^2 tr(D^2 Sigma_W), D = lambda diag(r) (x) diag(c))
 
     Without a flow, Cov(V) = diag(S^2) and the first is sigma_p^2 sum_ij S_ij^2 (G_r)_ii (G_c)_jj; with
     one it is estimated from `draws` draws of V. Both at the unperturbed inducing locations (the released
@@ -306,16 +383,20 @@ def draw_variance_parts(
             inducing = inducing.sum(-1).mean(1)
             inducing = inducing * draws / max(draws - 1, 1)  # unbiased
         lam = F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda)
-        trace_sigma_w = template.out_features * template.in_features - diag_row.sum(-1) * diag_col.sum(-1)
+        # tr(S D^2 S) = tr(D^2 Sigma_W) = sum(r^2) sum(c^2) - (r^2 . diag A_r^T A_r)(c^2 . diag A_c^T A_c)
+        row_sq, col_sq = _noise_scales(p, template)
+        trace = row_sq.sum(-1) * col_sq.sum(-1) - (row_sq * a_row.square().sum(-2)).sum(-1) * (
+            col_sq * a_col.square().sum(-2)).sum(-1)
         scale = template.prior_scale ** 2
-        return scale * inducing, scale * lam.square() * trace_sigma_w
+        return scale * inducing, scale * lam.square() * trace
 
 
 def kl_parts(factors: Sequence[InducingFactor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(inducing KL, conditional KL) of each of G factors of one signature, each of shape (G,).
 
     The inducing part is KL(q(V) || N(0, I)) (closed form plus the flow's one-sample correction);
-    the conditional part is (d_out d_in / 2)(lambda^2 - 1 - 2 log lambda), which does not depend on U.
+    the conditional part is (d_out d_in / 2)(lambda^2 - 1 - 2 log lambda), which does not depend on U
+    (with noise scales, the module docstring's formula).
     With `learn_prior_lambda` the conditional prior's scale is a hyperparameter fitted with lambda
     (empirical Bayes): its optimum is the posterior's lambda, where the conditional part is exactly 0,
     so lambda is then set by the data term alone.
@@ -330,10 +411,24 @@ def kl_parts(factors: Sequence[InducingFactor]) -> tuple[torch.Tensor, torch.Ten
             v0 = mean + sd * torch.randn_like(mean)
             v, log_det = template.flow.apply_stacked(_flow_parameters(p), v0)
             inducing = inducing + 0.5 * (v.square().sum(dim=(-2, -1)) - v0.square().sum(dim=(-2, -1))) - log_det
-        if template.learn_prior_lambda:
-            return inducing, torch.zeros_like(inducing)
-        lam = F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda)
-        return inducing, conditional_kl(template.out_features * template.in_features, lam)
+        entries = template.out_features * template.in_features
+        # with the prior's conditional scale learned it equals lambda, which then cancels from the KL
+        lam = torch.ones_like(inducing) if template.learn_prior_lambda else (
+            F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda))
+        if not template.noise_scales:
+            return inducing, conditional_kl(entries, lam)
+        row_sq, col_sq = _noise_scales(p, template)
+        log_det = entries * lam.log() + 0.5 * (template.in_features * row_sq.log().sum(-1)
+                                               + template.out_features * col_sq.log().sum(-1))
+        return inducing, 0.5 * (lam.square() * row_sq.sum(-1) * col_sq.sum(-1) - entries) - log_det
+
+
+def _noise_scales(p: dict[str, torch.Tensor], template: InducingFactor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared noise scales per row (G, d_out) and per column (G, d_in); ones without `noise_scales`."""
+    if template.noise_scales:
+        return F.softplus(p["noise_row_raw"]).square(), F.softplus(p["noise_col_raw"]).square()
+    groups = p["u_mean"].shape[0]
+    return (p["u_mean"].new_ones(groups, template.out_features), p["u_mean"].new_ones(groups, template.in_features))
 
 
 def kl_terms(factors: Sequence[InducingFactor]) -> torch.Tensor:

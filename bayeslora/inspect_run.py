@@ -74,6 +74,8 @@ def training_table(records: list[dict]) -> Table:
     rows = [("NLL (nats)", "nll"), ("KL / example, inducing", "kl_inducing_per_example"),
             ("KL / example, conditional", "kl_conditional_per_example"), ("lambda mean", "lambda_mean"),
             ("lambda max", "lambda_max"), ("inducing sd mean", "sd_mean"), ("inducing sd max", "sd_max")]
+    if any("noise_scale_min" in record for record in shown):
+        rows += [("noise scale min", "noise_scale_min"), ("noise scale max", "noise_scale_max")]
     for label, key in rows:
         table.add_row(label, *(_number(record.get(key)) for record in shown))
     # per target module, and per Bayesian factor: one row per name found in the shown records

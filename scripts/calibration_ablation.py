@@ -101,6 +101,9 @@ ROWS: dict[str, tuple[str, str, dict, dict]] = {
         "Bayesian-LoRA, lm_head a Bayesian target too, lambda's prior scale learned, lambda started at 0.05 "
         "(the draws' spread from q(U))", "bayeslora",
         {"bayesian_modules": ["q_proj", "lm_head"], "learn_prior_lambda": True, "lambda_init": 0.05}, RELEASED_TARGETS),
+    "bayeslora_lm_head_noise_scales": (
+        "Bayesian-LoRA, lm_head a Bayesian target too, conditional noise scaled per row and column (noise_scales)",
+        "bayeslora", {"bayesian_modules": ["q_proj", "lm_head"], "noise_scales": True}, RELEASED_TARGETS),
     "bayeslora_lambda_0.6": ("Bayesian-LoRA, lambda 0.6", "bayeslora", {"lambda_init": 0.6, "max_lambda": 0.6}, {}),
     "bayeslora_all_bayesian_prior_sd_0.3": ("Bayesian-LoRA, v_proj Bayesian too, prior_sd 0.3, lambda 0.3", "bayeslora",
                                             {"bayesian_modules": ["q_proj", "v_proj"], "prior_sd": 0.3,

@@ -7,8 +7,9 @@ LoRA targets, the evaluation protocol) as trained.
 
 RUN is a `bayeslora train` run folder (or a saved Bayesian-LoRA adapter). The prior is set exactly, in the
 adapter's own parameters: inducing mean 0 and sd 1 (whitened, so q(U) = p(U)), the flow's output layer 0
-(the identity flow) and lambda 1 (the conditional equals the prior's). The KL of those factors to their
-prior is then 0, and each of their draws is W ~ N(0, sigma_p^2 I), whatever the data said. An adapter
+(the identity flow), lambda 1 and any noise scales per row and column 1 (the conditional equals the
+prior's). The KL of those factors to their prior is then 0, and each of their draws is
+W ~ N(0, sigma_p^2 I), whatever the data said. An adapter
 whose conditional prior scale was learned (`learn_prior_lambda`, empirical Bayes) keeps its lambda: it is
 then the prior's own hyperparameter, fitted to the data, and only q(U) is set to p(U). The adapter is
 written to DIR/adapter and the arguments after `--` go to `bayeslora evaluate --adapter DIR/adapter
@@ -36,7 +37,8 @@ def prior_values(name: str, value: torch.Tensor, learned_lambda: bool) -> torch.
     (and for lambda when the prior's conditional scale was learned with it: lambda is then the prior's)."""
     if name.endswith(".u_mean") or ".flow.output_layer." in name:
         return torch.zeros_like(value)
-    if name.endswith(".u_sd_raw") or (name.endswith(".lambda_raw") and not learned_lambda):
+    noise_scale = name.endswith((".noise_row_raw", ".noise_col_raw"))  # per row and column, prior 1
+    if name.endswith(".u_sd_raw") or noise_scale or (name.endswith(".lambda_raw") and not learned_lambda):
         return torch.full_like(value, inverse_softplus(1.0))
     return None
 

@@ -64,7 +64,7 @@ def test_sampling_modes():
 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
-    model = _bayesian_model(learn_prior_lambda=True)
+    model = _bayesian_model(learn_prior_lambda=True, noise_scales=True)
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
@@ -74,7 +74,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").is_file()
     restored = bayeslora.load_bayeslora_model(make_tiny_llama(), tmp_path)
     assert restored.peft_config["default"].bayesian_modules == ["q_proj", "lm_head"]
-    assert all(factor.learn_prior_lambda for factor in bayeslora.bayesian_factors(restored))
+    assert all(factor.learn_prior_lambda and factor.noise_scales for factor in bayeslora.bayesian_factors(restored))
 
     def kl_with_the_same_flow_draw(peft_model):
         torch.manual_seed(0)

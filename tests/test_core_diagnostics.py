@@ -112,3 +112,28 @@ def test_draw_disagreement_splits_mutual_information_by_correctness():
     assert summary["mutual_information_right"] == pytest.approx(0.0, abs=1e-6)
     assert summary["mutual_information"] == pytest.approx(mi_wrong / 2, rel=1e-5)
     assert draw_disagreement(summarise_draws(log_probs[:, 1:], torch.tensor([0])))["mutual_information_wrong"] is None
+
+
+def test_noise_scale_range_is_lambda_times_the_extreme_row_and_column_scales():
+    torch.manual_seed(0)
+    config = BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], flow=False, noise_scales=True)
+    model = get_bayeslora_model(make_tiny_llama(), config)
+    factors = list(bayeslora.adapter.bayesian_factors(model))
+    with torch.no_grad():
+        for factor in factors:
+            factor.lambda_raw.uniform_(-2.0, 0.0)
+            factor.noise_row_raw.uniform_(-2.0, 2.0)
+            factor.noise_col_raw.uniform_(-2.0, 2.0)
+
+    def softplus(x):
+        return math.log1p(math.exp(x))
+
+    def entry_scales(f):  # every entry's scale lambda r_i c_j, by hand
+        lam = softplus(f.lambda_raw.item())
+        return [lam * softplus(r) * softplus(c) for r in f.noise_row_raw.tolist() for c in f.noise_col_raw.tolist()]
+
+    scales = [s for f in factors for s in entry_scales(f)]
+    state = posterior_state(model)
+    assert state["noise_scale_min"] == pytest.approx(min(scales), rel=1e-5)
+    assert state["noise_scale_max"] == pytest.approx(max(scales), rel=1e-5)
+    assert "noise_scale_min" not in posterior_state(_model())  # only where the model has noise scales

@@ -245,3 +245,97 @@ def test_draw_variance_parts_with_a_flow_add_up_to_the_variance_of_weight_draws(
         factor.lambda_raw.fill_(-30.0)  # conditional noise off: every bit of the variance is q(U)'s
     samples = _weight_samples(factor, 40000)
     assert inducing.item() == pytest.approx(samples.var(0).sum().item(), rel=0.03)
+
+
+def _noise_scaled_factor(**settings) -> InducingFactor:
+    factor = _factor(flow=False, max_lambda=1.0, lambda_init=0.6, noise_scales=True, **settings)
+    with torch.no_grad():  # scales away from 1, different per row and per column
+        factor.noise_row_raw.uniform_(-1.0, 1.5)
+        factor.noise_col_raw.uniform_(-1.0, 1.5)
+    return factor
+
+
+def _dense_root(sigma: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(sigma)
+    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def _dense_noise_scales(factor: InducingFactor) -> torch.Tensor:
+    return torch.diag(torch.kron(factor.noise_row.detach().double(), factor.noise_col.detach().double()))
+
+
+@pytest.mark.parametrize("out_features", [5, 2])  # 2: fewer rows than inducing rows, as LoRA's A (8 < 9)
+def test_conditional_root_is_the_symmetric_square_root_of_sigma_w(out_features):
+    from bayeslora.inducing import _conditional_root, _whitened_projection
+
+    factor = _noise_scaled_factor(out_features=out_features)
+    entries = out_features * 7
+    _, sigma = _dense_prior(factor)
+    with torch.no_grad():
+        d_row = torch.nn.functional.softplus(factor.d_row_raw)[None]
+        d_col = torch.nn.functional.softplus(factor.d_col_raw)[None]
+        _, a_row = _whitened_projection(factor.z_row[None], d_row, factor.z_row[None])
+        _, a_col = _whitened_projection(factor.z_col[None], d_col, factor.z_col[None])
+        q_row, q_col, shrink = _conditional_root(a_row, a_col)
+    # S applied to each basis matrix of W's shape gives the columns of the dense S (row-major vec)
+    basis = torch.eye(entries).reshape(entries, out_features, 7)
+    root = torch.stack([(x - q_row[0] @ (shrink[0] * (q_row[0].T @ x @ q_col[0])) @ q_col[0].T).flatten()
+                        for x in basis], dim=1).double()
+    assert torch.allclose(root, root.T, atol=1e-5)
+    assert torch.allclose(root, _dense_root(sigma), atol=1e-5)
+
+
+def test_noise_scale_kl_matches_dense_gaussians():
+    from bayeslora.inducing import kl_parts
+
+    factor = _noise_scaled_factor()
+    _, sigma = _dense_prior(factor)
+    root, scales = _dense_root(sigma), _dense_noise_scales(factor)
+    lam, variance = factor.lam.detach().double(), factor.prior_scale**2
+    zero = torch.zeros(35, dtype=torch.float64)
+    q = td.MultivariateNormal(zero, covariance_matrix=variance * lam**2 * root @ scales**2 @ root)
+    p = td.MultivariateNormal(zero, covariance_matrix=variance * sigma)
+    assert kl_parts([factor])[1].item() == pytest.approx(td.kl_divergence(q, p).item(), rel=1e-4)
+    # a learned conditional prior scale is lambda itself: the prior is then N(0, lambda^2 Sigma_W)
+    learned = _noise_scaled_factor(learn_prior_lambda=True)
+    p_learned = td.MultivariateNormal(zero, covariance_matrix=variance * lam**2 * sigma)
+    assert kl_parts([learned])[1].item() == pytest.approx(td.kl_divergence(q, p_learned).item(), rel=1e-4)
+    # all scales 1: the scalar-lambda conditional KL
+    with torch.no_grad():
+        factor.noise_row_raw.fill_(inverse_softplus(1.0))
+        factor.noise_col_raw.fill_(inverse_softplus(1.0))
+    assert kl_parts([factor])[1].item() == pytest.approx(conditional_kl(35, factor.lam).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("out_features", [5, 2])
+def test_noise_scaled_draws_have_their_covariance_and_variance_parts(out_features):
+    from bayeslora.inducing import draw_variance_parts
+
+    # q0 collapsed to a point and no Z perturbation: all randomness is the scaled conditional noise
+    factor = _noise_scaled_factor(sd_init=1e-7, out_features=out_features)
+    with torch.no_grad():
+        factor.z_row_rho.fill_(-30.0)
+        factor.z_col_rho.fill_(-30.0)
+    torch.manual_seed(5)
+    samples = _weight_samples(factor, 40000)
+    projection, sigma = _dense_prior(factor)
+    root, scales = _dense_root(sigma), _dense_noise_scales(factor)
+    variance, lam = factor.prior_scale**2, factor.lam.detach().double()
+    covariance = variance * lam**2 * root @ scales**2 @ root
+    mean = factor.prior_scale * projection @ factor.u_mean.detach().double().flatten()
+    assert (samples.mean(0) - mean).abs().max() < 0.03 * factor.prior_scale
+    assert (samples.T.cov() - covariance).abs().max() < 0.03 * covariance.diagonal().max()
+    _, conditional = draw_variance_parts([factor])
+    assert conditional.item() == pytest.approx(covariance.trace().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (8, 48)])  # (8, 48): LoRA's A, fewer rows than inducing rows
+def test_noise_scale_gradients_are_finite_at_the_default_tiny_inducing_noise(shape):
+    # with D at its default 1e-3 the eigenvalues of A A^T crowd near 1: the root's gradients must stay finite
+    torch.manual_seed(0)
+    factor = InducingFactor(*shape, noise_scales=True)
+    loss = factor.sample_weight(torch.Generator().manual_seed(0)).square().sum() + factor.kl_divergence()
+    loss.backward()
+    for name, parameter in factor.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    assert factor.noise_row_raw.grad.abs().sum() > 0 and factor.noise_col_raw.grad.abs().sum() > 0

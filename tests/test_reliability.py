@@ -87,6 +87,8 @@ BAYESIAN_DAMAGE = {
     "prior_sd a string": (_edit_config(prior_sd="big"), "prior_sd must be a finite number > 0, got 'big'"),
     "prior_sd negative": (_edit_config(prior_sd=-0.1), "prior_sd must be a finite number > 0, got -0.1"),
     "flow not a bool": (_edit_config(flow="yes"), "flow must be true or false"),
+    "noise_scales not a bool": (_edit_config(noise_scales="yes"), "noise_scales must be true or false"),
+    "noise scales not in the weights": (_edit_config(noise_scales=True), "missing tensor"),
     "no target_modules": (_edit_config(target_modules=_DELETE), "target_modules must be"),
     "targets not in the model": (_edit_config(target_modules=["nothing_proj"], bayesian_modules=["nothing_proj"]),
                                  "adapter_config.json: Target modules"),

@@ -45,11 +45,11 @@ def test_bootstrap_errors_of_a_mean_metric_match_its_analytic_standard_error():
 def test_prior_control_sets_the_chosen_factors_exactly_to_their_prior(tmp_path):
     torch.manual_seed(0)
     config = bayeslora.BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                       bayesian_modules=["q_proj", "v_proj"])
+                                       bayesian_modules=["q_proj", "v_proj"], noise_scales=True)
     bayeslora.get_bayeslora_model(load_model(MODEL)[0], config).save_pretrained(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     # a posterior away from the prior in every parameter the control resets
-    save_file({name: value + 0.3 * torch.randn_like(value) if name.endswith(("u_mean", "u_sd_raw", "lambda_raw"))
+    save_file({name: value + 0.3 * torch.randn_like(value) if name.endswith(("u_mean", "u_sd_raw", "lambda_raw", "noise_row_raw", "noise_col_raw"))
                or ".flow.output_layer." in name else value for name, value in load_file(weights).items()}, weights)
     script = _script("prior_control")
     adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -62,7 +62,8 @@ def test_prior_control_sets_the_chosen_factors_exactly_to_their_prior(tmp_path):
         return [f for n, f in model.named_modules() if isinstance(f, bayeslora.InducingFactor) and module in n]
 
     q_factors, v_factors = factors_of("q_proj"), factors_of("v_proj")
-    assert replaced == 5 * len(q_factors)  # mean, sd, lambda, the flow output's weight and bias
+    # mean, sd, lambda, the noise scales per row and per column, the flow output's weight and bias
+    assert replaced == 7 * len(q_factors)
     assert all(abs(factor.kl_divergence().item()) < 1e-3 for factor in q_factors)
     assert all(factor.kl_divergence().item() > 1 for factor in v_factors)  # left as they were
     # a prior draw of W is N(0, sigma_p^2 I): its entries' variance is sigma_p^2
@@ -77,6 +78,6 @@ def test_prior_control_sets_the_chosen_factors_exactly_to_their_prior(tmp_path):
     # a learned conditional prior scale (empirical Bayes) is the prior's own: it stays, only q(U) goes to p(U)
     learned = {**adapter_config, "learn_prior_lambda": True}
     tensors, replaced = script.to_prior(posterior, learned, ["q_proj"])
-    assert replaced == 4 * len(q_factors)
+    assert replaced == 6 * len(q_factors)
     lambdas = [name for name in posterior if name.endswith("lambda_raw")]
     assert lambdas and all(torch.equal(posterior[name], tensors[name]) for name in lambdas)

@@ -72,6 +72,8 @@ class BayesLora(Method):
         for factor in bayeslora.adapter.bayesian_factors(model):
             group_of.update({id(p): "posterior" for p in factor.parameters()})
             group_of.update({id(factor.u_mean): "means", id(factor.u_sd_raw): "scales", id(factor.lambda_raw): "scales"})
+            if factor.noise_scales:
+                group_of.update({id(factor.noise_row_raw): "scales", id(factor.noise_col_raw): "scales"})
         for p in model.parameters():
             if p.requires_grad:
                 groups[group_of.get(id(p), "plain")]["params"].append(p)
