@@ -104,6 +104,10 @@ ROWS: dict[str, tuple[str, str, dict, dict]] = {
     "bayeslora_lm_head_noise_scales": (
         "Bayesian-LoRA, lm_head a Bayesian target too, conditional noise scaled per row and column (noise_scales)",
         "bayeslora", {"bayesian_modules": ["q_proj", "lm_head"], "noise_scales": True}, RELEASED_TARGETS),
+    "bayeslora_lm_head_noise_scales_scale_lr_100": (
+        "Bayesian-LoRA, lm_head a Bayesian target too, noise scales per row and column, scales at 100 x the "
+        "learning rate (so that the data can move them far in 96 steps)", "bayeslora",
+        {"bayesian_modules": ["q_proj", "lm_head"], "noise_scales": True, "scale_lr": 100.0}, RELEASED_TARGETS),
     "bayeslora_lambda_0.6": ("Bayesian-LoRA, lambda 0.6", "bayeslora", {"lambda_init": 0.6, "max_lambda": 0.6}, {}),
     "bayeslora_all_bayesian_prior_sd_0.3": ("Bayesian-LoRA, v_proj Bayesian too, prior_sd 0.3, lambda 0.3", "bayeslora",
                                             {"bayesian_modules": ["q_proj", "v_proj"], "prior_sd": 0.3,
