@@ -330,8 +330,7 @@ def draw_weights(
         m_r, m_c, d_in = v.shape[1], v.shape[2], a_col.shape[2]
         e1 = random(template.out_features, d_in)
         if template.noise_scales:
-            row, col = F.softplus(p["noise_row_raw"]), F.softplus(p["noise_col_raw"])
-            noise = _scaled_conditional_noise(_conditional_root(a_row, a_col), e1, row, col)
+            noise = _scaled_conditional_noise(_conditional_root(a_row, a_col), e1, *_noise_scales(p, template))
             return template.prior_scale * (a_row.mT @ v @ a_col + lam * noise)
         e2, e3 = random(m_r, m_c), random(m_r, d_in)
         e3_projected = e3 @ a_col.mT
@@ -384,7 +383,7 @@ def draw_variance_parts(
             inducing = inducing * draws / max(draws - 1, 1)  # unbiased
         lam = F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda)
         # tr(S D^2 S) = tr(D^2 Sigma_W) = sum(r^2) sum(c^2) - (r^2 . diag A_r^T A_r)(c^2 . diag A_c^T A_c)
-        row_sq, col_sq = _noise_scales(p, template)
+        row_sq, col_sq = (scales.square() for scales in _noise_scales(p, template))
         trace = row_sq.sum(-1) * col_sq.sum(-1) - (row_sq * a_row.square().sum(-2)).sum(-1) * (
             col_sq * a_col.square().sum(-2)).sum(-1)
         scale = template.prior_scale ** 2
@@ -417,16 +416,16 @@ def kl_parts(factors: Sequence[InducingFactor]) -> tuple[torch.Tensor, torch.Ten
             F.softplus(p["lambda_raw"]).clamp(max=template.max_lambda))
         if not template.noise_scales:
             return inducing, conditional_kl(entries, lam)
-        row_sq, col_sq = _noise_scales(p, template)
+        row_sq, col_sq = (scales.square() for scales in _noise_scales(p, template))
         log_det = entries * lam.log() + 0.5 * (template.in_features * row_sq.log().sum(-1)
                                                + template.out_features * col_sq.log().sum(-1))
         return inducing, 0.5 * (lam.square() * row_sq.sum(-1) * col_sq.sum(-1) - entries) - log_det
 
 
 def _noise_scales(p: dict[str, torch.Tensor], template: InducingFactor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared noise scales per row (G, d_out) and per column (G, d_in); ones without `noise_scales`."""
+    """The noise scales per row (G, d_out) and per column (G, d_in); ones without `noise_scales`."""
     if template.noise_scales:
-        return F.softplus(p["noise_row_raw"]).square(), F.softplus(p["noise_col_raw"]).square()
+        return F.softplus(p["noise_row_raw"]), F.softplus(p["noise_col_raw"])
     groups = p["u_mean"].shape[0]
     return (p["u_mean"].new_ones(groups, template.out_features), p["u_mean"].new_ones(groups, template.in_features))
 
