@@ -12,6 +12,7 @@ B_m = [(m-1)/15, m/15) for m < 15 and the last bin B_15 = [14/15, 1] includes 1.
 from __future__ import annotations
 
 import torch
+from torchmetrics.functional.classification import binary_auroc
 
 N_BINS = 15
 
@@ -69,6 +70,17 @@ def mce(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> floa
     bins = reliability_bins(probs, labels, n_bins)
     gaps = (bins["accuracy"] - bins["confidence"]).abs()
     return gaps[bins["count"] > 0].max().item()
+
+
+def error_detection_auroc(uncertainty: torch.Tensor, wrong: torch.Tensor) -> float:
+    """How well a per-question uncertainty `uncertainty` [N] (any score, larger = less sure: 1 - conf_i,
+    the mutual information, ...) ranks the wrongly answered questions `wrong` [N] (bool) above the right
+    ones: the AUROC P(u_w > u_r) + P(u_w = u_r) / 2 over pairs of a wrong question w and a right one r.
+    0.5 is no better than chance, 1 puts every error above every right answer; a fraction in [0, 1].
+    Undefined (ValueError) when all answers are right or all wrong."""
+    if wrong.all() or not wrong.any():
+        raise ValueError("error_detection_auroc needs both wrongly and rightly answered questions")
+    return binary_auroc(uncertainty.double(), wrong.long()).item()
 
 
 def all_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

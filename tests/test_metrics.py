@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from bayeslora.metrics import accuracy, all_metrics, brier, ece, mce, nll, reliability_bins
+from bayeslora.metrics import accuracy, all_metrics, brier, ece, error_detection_auroc, mce, nll, reliability_bins
 
 # three questions, hand-checked below
 PROBS = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.6, 0.0], [0.5, 0.25, 0.25]])
@@ -81,3 +81,22 @@ def test_read_predictions_pools_files_and_pads_fewer_choices_with_zero(tmp_path)
     probs, labels = read_predictions([tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
     assert torch.allclose(probs, torch.tensor([[0.25, 0.75, 0.0], [0.1, 0.2, 0.7]]))
     assert labels.tolist() == [1, 2]
+
+
+def test_error_detection_auroc_counts_the_pairs_an_uncertainty_orders_right():
+    uncertainty = torch.tensor([0.9, 0.3, 0.5, 0.3, 0.1])
+    wrong = torch.tensor([True, True, False, False, False])
+    # wrong 0.9 beats all 3 right ones; wrong 0.3 beats 0.1, ties 0.3 (half) and loses to 0.5: 4.5 of 6 pairs
+    assert error_detection_auroc(uncertainty, wrong) == pytest.approx(4.5 / 6)
+    assert error_detection_auroc(-uncertainty, wrong) == pytest.approx(1.5 / 6)
+    with pytest.raises(ValueError, match="both wrongly and rightly"):
+        error_detection_auroc(uncertainty, torch.ones(5, dtype=torch.bool))
+
+
+def test_error_detection_auroc_matches_the_pair_count_on_random_scores():
+    generator = torch.Generator().manual_seed(0)
+    uncertainty = torch.randint(0, 20, (300,), generator=generator).double()  # many ties
+    wrong = torch.rand(300, generator=generator) < 0.4
+    above = (uncertainty[wrong][:, None] > uncertainty[~wrong][None, :]).double()
+    tied = (uncertainty[wrong][:, None] == uncertainty[~wrong][None, :]).double()
+    assert error_detection_auroc(uncertainty, wrong) == pytest.approx((above + tied / 2).mean().item(), abs=1e-6)

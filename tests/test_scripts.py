@@ -42,6 +42,28 @@ def test_bootstrap_errors_of_a_mean_metric_match_its_analytic_standard_error():
     assert error == pytest.approx(((per_question(probs) - per_question(reference)).std() / 20).item(), rel=0.1)
 
 
+def test_error_detection_groups_seeds_and_ranks_the_wrong_answers(tmp_path, capsys, monkeypatch):
+    def write(folder, rows):
+        folder.mkdir(parents=True)
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def row(gold, probabilities, information):
+        return {"gold": gold, "predicted": max(range(2), key=probabilities.__getitem__),
+                "probabilities": probabilities, "mutual_information": information}
+
+    # seed 1: the two wrong answers are the least confident and disagree most (AUROC 1 by either);
+    # seed 2: its wrong answer (1 - 0.75) ranks above one right answer (1 - 0.9) and below the other (1 - 0.7),
+    # AUROC 1/2, and its draws never disagree (a deterministic model), so the group has no MI column
+    write(tmp_path / "m" / "seed-1", [row(1, [0.6, 0.4], 0.3), row(1, [0.55, 0.45], 0.2),
+                                      row(0, [0.9, 0.1], 0.1), row(0, [0.8, 0.2], 0.0)])
+    write(tmp_path / "m" / "seed-2", [row(1, [0.75, 0.25], 0.0), row(0, [0.7, 0.3], 0.0), row(0, [0.9, 0.1], 0.0)])
+    monkeypatch.setattr("sys.argv", ["error_detection", str(tmp_path / "m" / "seed-1"), str(tmp_path / "m" / "seed-2")])
+    _script("error_detection").main()
+    table = capsys.readouterr().out.splitlines()
+    spread = torch.tensor([1.0, 0.5], dtype=torch.float64).std().item()
+    assert table[2] == f"| {tmp_path / 'm'} | 2 | 3, 4 | 0.750 ± {spread:.3f} | - |"
+
+
 def test_prior_control_sets_the_chosen_factors_exactly_to_their_prior(tmp_path):
     torch.manual_seed(0)
     config = bayeslora.BayesLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
