@@ -1,7 +1,7 @@
 """Does a model know when it does not know: how well its uncertainty ranks its wrong answers above its right
 ones (`bayeslora.metrics.error_detection_auroc`), by the predictive's confidence and by the draws' disagreement.
 
-    python scripts/error_detection.py docs/results/calibration-smollm2/grid/runs/arc_easy/*/seed-*
+    python scripts/error_detection.py docs/results/calibration-smollm2/grid/runs/arc_easy/*/seed-*/predictions.jsonl
 
 Each argument is an evaluation folder (one holding predictions.jsonl) or a predictions.jsonl file. Folders
 named seed-<s> under the same parent (a compare grid's units of one method) are one row, mean ± standard
