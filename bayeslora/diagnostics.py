@@ -20,10 +20,15 @@ Per optimizer step (`posterior_state`):
 Per validation (`draw_disagreement`): the mean mutual information between the answer and the
 draw (nats) and the mean spread of the choice log-probabilities over draws (see `predictive`).
 Both are zero for a posterior that has collapsed to a point.
+
+On demand (`inducing_data_precision`, `scripts/data_information.py`): how much the training answers can
+tell each factor's inducing mean at all, as the Fisher information against the prior's precision. Where
+it is far below 1 the posterior over the inducing weights stays at the prior, however it is optimised.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -31,8 +36,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from bayeslora.adapter import bayesian_factors, factor_groups
+from bayeslora.adapter import bayesian_factors, factor_groups, sampling
 from bayeslora.inducing import MEAN, InducingFactor, draw_variance_parts, draw_weights, kl_parts
+from bayeslora.kl_guard import MissingKLWarning
 
 #: a mean mutual information below this is float rounding, not disagreement between draws (nats)
 MI_FLOAT_FLOOR = 1e-6
@@ -64,19 +70,69 @@ def posterior_state(model: nn.Module) -> dict[str, Any]:
     return state
 
 
+def _factor_names(model: nn.Module) -> dict[int, str]:
+    """`<target>.lora_A` / `.lora_B` for each Bayesian factor of `model`, keyed by the factor's id."""
+    return {id(module): ".".join(name.split(".")[-3:-1])  # ...q_proj.lora_A.<adapter>
+            for name, module in model.named_modules() if isinstance(module, InducingFactor)}
+
+
 @torch.no_grad()
 def inducing_variance_shares(model: nn.Module) -> dict[str, float]:
     """Per Bayesian factor (`<target>.lora_A` / `.lora_B`): mean over layers of the share of a draw's variance
     from q(U). A fixed generator makes the flow's Monte Carlo estimate repeatable from step to step."""
-    names = {id(module): name for name, module in model.named_modules() if isinstance(module, InducingFactor)}
+    names = _factor_names(model)
     generator = torch.Generator(device=next(bayesian_factors(model)).u_mean.device).manual_seed(0)
     shares: dict[str, list[float]] = defaultdict(list)
     for group in factor_groups(model):
         inducing, conditional = draw_variance_parts(group, generator=generator)
         for factor, share in zip(group, (inducing / (inducing + conditional)).tolist()):
-            target, factor_name = names[id(factor)].split(".")[-3:-1]  # ...q_proj.lora_A.<adapter>
-            shares[f"{target}.{factor_name}"].append(share)
+            shares[names[id(factor)]].append(share)
     return {name: sum(values) / len(values) for name, values in shares.items()}
+
+
+def inducing_data_precision(model: nn.Module, scorer, questions) -> dict[str, dict[str, float]]:
+    """How much the answers to `questions` can tell each Bayesian factor's inducing mean, in units of the prior.
+
+    The prior of the whitened inducing matrix M is N(0, I): precision 1 per entry. What the data add is the
+    Fisher information of the answer given the question, summed over the questions, at the posterior's
+    deterministic point (sampling mode "mean"). With choice logits z_n, p_n = softmax(z_n) and
+    J_n = dz_n / dM, its diagonal is
+
+        F_ii = sum_n sum_c p_nc (J_nci - sum_c' p_nc' J_nc'i)^2,
+
+    the diagonal of the generalised Gauss-Newton matrix sum_n J_n^T (diag p_n - p_n p_n^T) J_n of the NLL
+    (one backward pass per answer choice). Under a Laplace approximation entry i's posterior precision is
+    1 + F_ii, so F_ii << 1 leaves it at the prior whatever the optimiser does; and every eigenvalue of F is
+    at most tr F, so a factor with tr F << 1 has no direction the data inform.
+
+    Returns, per factor name (`q_proj.lora_A`, ...), over the layers: `trace_mean` and `trace_max` of tr F,
+    and `entry_max`, the largest F_ii.
+    """
+    factors = list(bayesian_factors(model))
+    if not factors:
+        raise ValueError("the model has no Bayesian factors (was it built with get_bayeslora_model?)")
+    means = [factor.u_mean for factor in factors]
+    fisher = [torch.zeros_like(mean, dtype=torch.float64) for mean in means]
+    for question in questions:
+        with sampling(model, MEAN, hold=True):  # a fresh graph per question: its draw is held for its passes
+            logits = scorer.choice_logits(model, scorer.collate([question]))[0]
+        logits = logits[torch.isfinite(logits)]
+        probs = logits.softmax(-1).detach().double()
+        with warnings.catch_warnings():  # these gradients measure the likelihood; nothing is trained without the KL
+            warnings.simplefilter("ignore", MissingKLWarning)
+            jacobian = [torch.stack(rows).double() for rows in zip(*(
+                torch.autograd.grad(logit, means, retain_graph=c < len(logits) - 1) for c, logit in enumerate(logits)))]
+        for total, rows in zip(fisher, jacobian):  # rows: [choices, *M's shape]
+            weights = probs.view(-1, *[1] * (rows.dim() - 1))
+            total += (weights * (rows - (weights * rows).sum(0)).square()).sum(0)
+    names = _factor_names(model)
+    per_factor: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for factor, total in zip(factors, fisher):
+        per_factor[names[id(factor)]].append(total)
+    return {name: {"trace_mean": sum(t.sum().item() for t in totals) / len(totals),
+                   "trace_max": max(t.sum().item() for t in totals),
+                   "entry_max": max(t.max().item() for t in totals)}
+            for name, totals in per_factor.items()}
 
 
 @torch.no_grad()

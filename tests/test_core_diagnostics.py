@@ -1,6 +1,7 @@
 """Posterior diagnostics against values computed by hand on a tiny model."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -137,3 +138,40 @@ def test_noise_scale_range_is_lambda_times_the_extreme_row_and_column_scales():
     assert state["noise_scale_min"] == pytest.approx(min(scales), rel=1e-5)
     assert state["noise_scale_max"] == pytest.approx(max(scales), rel=1e-5)
     assert "noise_scale_min" not in posterior_state(_model())  # only where the model has noise scales
+
+
+def test_inducing_data_precision_is_the_expected_squared_score_of_the_answer():
+    """Against the Fisher information written as E_{y ~ p}[(d log p_y / dM)^2], per question, summed."""
+    from bayeslora.diagnostics import inducing_data_precision
+    from bayeslora.scoring import Scorer
+    from bayeslora.tasks import load_task_file
+    from tests.conftest import make_tiny_tokenizer
+
+    model = _model()
+    scorer = Scorer(make_tiny_tokenizer(), "cloze")
+    questions = load_task_file("bayeslora/tasks/fixtures/questions.jsonl")[:3]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        precision = inducing_data_precision(model, scorer, questions)
+    assert not caught  # measuring is not training: no missing-KL warning
+
+    factors = list(bayeslora.adapter.bayesian_factors(model))
+    expected = [torch.zeros_like(f.u_mean) for f in factors]
+    for question in questions:
+        for label in range(len(question.choices)):
+            with bayeslora.sampling(model, "mean", hold=True):
+                log_probs = scorer.choice_logits(model, scorer.collate([question]))[0].log_softmax(-1)
+            with warnings.catch_warnings():  # the reference's gradients are no training either
+                warnings.simplefilter("ignore", bayeslora.kl_guard.MissingKLWarning)
+                scores = torch.autograd.grad(log_probs[label], [f.u_mean for f in factors])
+            for total, score in zip(expected, scores):
+                total += log_probs[label].exp().detach() * score.square()
+    names = {id(m): n.split(".")[-3] + "." + n.split(".")[-2] for n, m in model.named_modules()
+             if isinstance(m, bayeslora.InducingFactor)}
+    for name in ("q_proj.lora_A", "q_proj.lora_B"):
+        traces = [t.sum().item() for f, t in zip(factors, expected) if names[id(f)] == name]
+        entries = [t.max().item() for f, t in zip(factors, expected) if names[id(f)] == name]
+        assert precision[name]["trace_mean"] == pytest.approx(sum(traces) / len(traces), rel=1e-4, abs=0)
+        assert precision[name]["trace_max"] == pytest.approx(max(traces), rel=1e-4, abs=0)
+        assert precision[name]["entry_max"] == pytest.approx(max(entries), rel=1e-4, abs=0)
+    assert min(traces) > 0  # the answers do depend on the factor: the comparison is not of two zeros

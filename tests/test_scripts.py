@@ -103,3 +103,30 @@ def test_prior_control_sets_the_chosen_factors_exactly_to_their_prior(tmp_path):
     assert replaced == 6 * len(q_factors)
     lambdas = [name for name in posterior if name.endswith("lambda_raw")]
     assert lambdas and all(torch.equal(posterior[name], tensors[name]) for name in lambdas)
+
+
+def test_data_information_rebuilds_the_run_s_initial_adapter(tmp_path, monkeypatch):
+    """A run whose adapter cannot move (lr 1e-12) saves its initialisation: `--at init`, which rebuilds the adapter
+    from run.json and the seed, must give the Fisher information of `--at trained`, which loads the saved one."""
+    from bayeslora.cli import main as bayeslora_main
+    from tests.test_train_cli import write_questions
+    from tests.test_train_loop import fixture_questions
+
+    questions = write_questions(tmp_path / "train.jsonl", fixture_questions(12))
+    run = tmp_path / "run"
+    assert bayeslora_main(["train", "--model", MODEL, "--task-file", str(questions), "--method", "bayeslora",
+                           "--scoring", "cloze", "--max-steps", "1", "--batch-size", "4", "--validation-size", "4",
+                           "--lr", "1e-12", "--seed", "3", "--precision", "fp32", "--output", str(run)]) == 0
+    script = _script("data_information")
+    numbers = {}
+    for at in ("init", "trained"):
+        monkeypatch.setattr("sys.argv", ["data_information.py", str(run), "--at", at, "--json", str(tmp_path / f"{at}.json")])
+        script.main()
+        numbers[at] = json.loads((tmp_path / f"{at}.json").read_text())
+    assert numbers["init"]["n_questions"] == 8  # the 12 questions less the 4 held out for validation
+    init, trained = numbers["init"]["factors"], numbers["trained"]["factors"]
+    assert init.keys() == trained.keys() and init
+    for name in init:
+        assert init[name]["trace_mean"] > 0
+        for key in ("trace_mean", "trace_max", "entry_max"):
+            assert init[name][key] == pytest.approx(trained[name][key], rel=1e-4, abs=0)  # the numbers are tiny
