@@ -23,6 +23,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from rich.console import Console
 from rich.table import Table
+from tqdm import tqdm
 
 from bayeslora.checkpoint import RUN_FILE
 from bayeslora.diagnostics import inducing_data_precision
@@ -60,7 +61,7 @@ def main() -> None:
         load_trained_adapter(model, args.run)
     scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization,
                     max_length=context_length(model.config), truncate_left=settings.truncate_left)
-    precision = inducing_data_precision(model, scorer, train)
+    precision = inducing_data_precision(model, scorer, tqdm(train, desc="Fisher information", unit="question"))
 
     table = Table(title=f"Fisher information of {len(train)} training answers about the inducing means "
                         f"({args.at}; prior precision 1 per entry)")
