@@ -178,8 +178,7 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
     accelerator.wait_for_everyone()
 
     set_seed(settings.seed)  # the adapter initialisation: the same on every process
-    lora = {"r": settings.r, "lora_alpha": settings.lora_alpha, "lora_dropout": settings.lora_dropout,
-            "target_modules": list(settings.target_modules)}
+    lora = settings.lora()
     model = method.prepare(model, lora)
     set_seed(settings.seed, device_specific=True)  # posterior draws and dropout: one stream per process
     start = time.perf_counter()

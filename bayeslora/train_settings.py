@@ -116,6 +116,11 @@ class TrainSettings:
         """"4bit", "8bit" or None, as `models.load_model` takes it."""
         return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
 
+    def lora(self) -> dict[str, Any]:
+        """The adapter's LoRA settings, as `Method.prepare` takes them (and a run folder records them)."""
+        return {"r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                "target_modules": list(self.target_modules)}
+
     def loading(self) -> dict[str, Any]:
         """The keyword arguments of `models.load_model` (and what a run folder records of them)."""
         return {"dtype": self.dtype, "quantization": self.quantization}

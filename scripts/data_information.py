@@ -54,9 +54,7 @@ def main() -> None:
 
     model, tokenizer = load_model(settings.model, **settings.loading())
     set_seed(settings.seed)  # as `bayeslora train` does before building the adapter
-    lora = {"r": settings.r, "lora_alpha": settings.lora_alpha, "lora_dropout": settings.lora_dropout,
-            "target_modules": list(settings.target_modules)}
-    model = get_method(settings.method, **settings.method_options).prepare(model, lora)
+    model = get_method(settings.method, **settings.method_options).prepare(model, settings.lora())
     if args.at == "trained":
         load_trained_adapter(model, args.run)
     scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization,
