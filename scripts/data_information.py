@@ -49,6 +49,8 @@ def main() -> None:
     settings = make_settings({**read_json_object(args.run / RUN_FILE), "output": str(args.run)})
     if settings.method != "bayeslora":
         parser.error(f"{args.run} is a {settings.method} run; only Bayesian-LoRA runs have inducing weights")
+    if args.at == "trained" and not (args.run / "adapter_model.safetensors").is_file():
+        parser.error(f"{args.run} holds no saved adapter (a checkout keeps none): run it again, or use --at init")
     train, _, _ = load_questions(settings)
     train = train[: args.limit]
 

@@ -130,3 +130,16 @@ def test_data_information_rebuilds_the_run_s_initial_adapter(tmp_path, monkeypat
         assert init[name]["trace_mean"] > 0
         for key in ("trace_mean", "trace_max", "entry_max"):
             assert init[name][key] == pytest.approx(trained[name][key], rel=1e-4, abs=0)  # the numbers are tiny
+
+
+def test_data_information_refuses_a_run_without_inducing_weights_or_saved_adapter(tmp_path, monkeypatch, capsys):
+    script = _script("data_information")
+    units = Path(__file__).resolve().parents[1] / "docs/results/calibration-smollm2/grid/runs/arc_easy"
+    for method, at, message in (("mle", "init", "is a mle run"), ("bayeslora", "trained", "holds no saved adapter")):
+        run = tmp_path / method  # the unit's settings without its weights, as a fresh checkout has it
+        run.mkdir()
+        (run / "run.json").write_text((units / method / "seed-1" / "run.json").read_text())
+        monkeypatch.setattr("sys.argv", ["data_information.py", str(run), "--at", at])
+        with pytest.raises(SystemExit):
+            script.main()
+        assert message in capsys.readouterr().err
