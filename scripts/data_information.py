@@ -56,6 +56,8 @@ def main() -> None:
         parser.error(f"{args.run} is a {settings.method} run; only Bayesian-LoRA runs have inducing weights")
     if args.at == "trained" and not (args.run / "adapter_model.safetensors").is_file():
         parser.error(f"{args.run} holds no saved adapter (a checkout keeps none): run it again, or use --at init")
+    if args.json is not None:  # its folder is made before the measurement, not after it
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     train, _, _ = load_questions(settings)
     train = train[: args.limit]
 
