@@ -99,17 +99,17 @@ def inducing_data_precision(model: nn.Module, scorer, questions, draws: int = 0,
 
         F_ii = sum_n sum_c p_nc (J_nci - sum_c' p_nc' J_nc'i)^2,
 
-    the diagonal of the generalised Gauss-Newton matrix sum_n J_n^T (diag p_n - p_n p_n^T) J_n of the NLL
-    (one backward pass per answer choice). With `draws` = 0 it is taken at the posterior's deterministic
-    point (sampling mode "mean"); with `draws` = K it is the average over K posterior draws (draw k from
+    the diagonal of the generalised Gauss-Newton matrix F = sum_n J_n^T (diag p_n - p_n p_n^T) J_n of the NLL
+    (one backward pass per answer choice), accumulated whole (M has m_r m_c entries). With `draws` = 0 it is
+    taken at the posterior's deterministic point (sampling mode "mean"); with `draws` = K it is the average over K posterior draws (draw k from
     `sampling`'s seed `seed + k`, the same weights for every question), the expected curvature that a
     Gaussian variational posterior's precision settles at (prior precision + E_q[GGN]), where each factor's
     partner is as large as its draws, not as its mean. Entry i's posterior precision is then about
-    1 + F_ii, so F_ii << 1 leaves it at the prior whatever the optimiser does; and every eigenvalue of F is
-    at most tr F, so a factor with tr F << 1 has no direction the data inform.
+    1 + F_ii, and along an eigenvector of F with eigenvalue e it is 1 + e: a factor whose largest eigenvalue
+    is << 1 has no direction the data inform, and stays at the prior whatever the optimiser does.
 
     Returns, per factor name (`q_proj.lora_A`, ...), over the layers: `trace_mean` and `trace_max` of tr F,
-    and `entry_max`, the largest F_ii.
+    `entry_max`, the largest F_ii, and `eigen_max`, the largest eigenvalue of F.
     """
     if not isinstance(draws, int) or isinstance(draws, bool) or draws < 0:
         raise ValueError(f"draws must be a non-negative integer, got {draws!r}")
@@ -117,7 +117,7 @@ def inducing_data_precision(model: nn.Module, scorer, questions, draws: int = 0,
     if not factors:
         raise ValueError("the model has no Bayesian factors (was it built with get_bayeslora_model?)")
     means = [factor.u_mean for factor in factors]
-    fisher = [torch.zeros_like(mean, dtype=torch.float64) for mean in means]
+    fisher = [torch.zeros(mean.numel(), mean.numel(), dtype=torch.float64, device=mean.device) for mean in means]
     points = [(MEAN, None)] if draws == 0 else [(SAMPLE, seed + k) for k in range(draws)]
     for question in questions:
         for mode, draw_seed in points:
@@ -131,15 +131,16 @@ def inducing_data_precision(model: nn.Module, scorer, questions, draws: int = 0,
                 jacobian = [torch.stack(rows).double() for rows in zip(*(
                     torch.autograd.grad(logit, means, retain_graph=c < len(logits) - 1) for c, logit in enumerate(logits)))]
             for total, rows in zip(fisher, jacobian):  # rows: [choices, *M's shape]
-                weights = probs.view(-1, *[1] * (rows.dim() - 1))
-                total += (weights * (rows - (weights * rows).sum(0)).square()).sum(0) / len(points)
+                centred = rows.flatten(1) - probs @ rows.flatten(1)
+                total += centred.T @ (probs[:, None] * centred) / len(points)
     names = _factor_names(model)
     per_factor: dict[str, list[torch.Tensor]] = defaultdict(list)
     for factor, total in zip(factors, fisher):
         per_factor[names[id(factor)]].append(total)
-    return {name: {"trace_mean": sum(t.sum().item() for t in totals) / len(totals),
-                   "trace_max": max(t.sum().item() for t in totals),
-                   "entry_max": max(t.max().item() for t in totals)}
+    return {name: {"trace_mean": sum(t.trace().item() for t in totals) / len(totals),
+                   "trace_max": max(t.trace().item() for t in totals),
+                   "entry_max": max(t.diagonal().max().item() for t in totals),
+                   "eigen_max": max(torch.linalg.eigvalsh(t)[-1].item() for t in totals)}
             for name, totals in per_factor.items()}
 
 

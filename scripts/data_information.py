@@ -5,13 +5,14 @@
 RUN is a `bayeslora train` run folder (a `compare` unit is one) of a Bayesian-LoRA run: its run.json gives
 the model, the adapter settings, the seed and the training questions. `--at init` rebuilds the adapter as
 the run initialised it (the same seed), `--at trained` loads the adapter the run saved. For each Bayesian
-factor it prints the Fisher information of the training answers about the whitened inducing mean,
+factor it prints the Fisher information F of the training answers about the whitened inducing mean,
 summed over the training questions (`bayeslora.diagnostics.inducing_data_precision`), at the posterior's
 deterministic point or, with `--draws K`, averaged over K posterior draws (the curvature a Gaussian
 variational posterior's precision settles at), in units of the prior's precision, which is 1 per entry:
-tr F (mean and largest over layers), the largest single entry, and the posterior sd that entry would have under a Laplace approximation, 1 / sqrt(1 + F_ii) (the
-prior's is 1). Where tr F is far below 1 no direction of the inducing weights is informed by the data,
-and the ELBO's posterior over them can only be the prior.
+tr F (mean and largest over layers), the largest single entry F_ii, the largest eigenvalue e of F, and the
+posterior sd along that eigenvector under a Laplace approximation, 1 / sqrt(1 + e) (the prior's is 1).
+Where e is far below 1 no direction of the inducing weights is informed by the data, and the ELBO's
+posterior over them can only be the prior.
 """
 
 from __future__ import annotations
@@ -74,11 +75,12 @@ def main() -> None:
 
     table = Table(title=f"Fisher information of {len(train)} training answers about the inducing means "
                         f"({args.at}, {point}; prior precision 1 per entry)")
-    for column in ("factor", "tr F, mean over layers", "tr F, largest", "largest F_ii", "its Laplace sd"):
+    for column in ("factor", "tr F, mean over layers", "tr F, largest", "largest F_ii", "largest eigenvalue",
+                   "its Laplace sd"):
         table.add_column(column, justify="left" if column == "factor" else "right")
     for name, values in precision.items():
-        table.add_row(name, f"{values['trace_mean']:.3g}", f"{values['trace_max']:.3g}",
-                      f"{values['entry_max']:.3g}", f"{1 / math.sqrt(1 + values['entry_max']):.4f}")
+        table.add_row(name, f"{values['trace_mean']:.3g}", f"{values['trace_max']:.3g}", f"{values['entry_max']:.3g}",
+                      f"{values['eigen_max']:.3g}", f"{1 / math.sqrt(1 + values['eigen_max']):.4f}")
     Console().print(table)
     if args.json is not None:
         record = {"run": str(args.run), "at": args.at, "n_questions": len(train), "draws": args.draws,
