@@ -109,7 +109,9 @@ def inducing_data_precision(model: nn.Module, scorer, questions, draws: int = 0,
     is << 1 has no direction the data inform, and stays at the prior whatever the optimiser does.
 
     Returns, per factor name (`q_proj.lora_A`, ...), over the layers: `trace_mean` and `trace_max` of tr F,
-    `entry_max`, the largest F_ii, and `eigen_max`, the largest eigenvalue of F.
+    `entry_max`, the largest F_ii, and `eigen_max`, the largest eigenvalue of F; beside them what q0 holds,
+    `sd_mean` and `sd_min` of its standard deviations over M's entries (the prior's are 1), to set what
+    the posterior learned against what the data can tell.
     """
     if not isinstance(draws, int) or isinstance(draws, bool) or draws < 0:
         raise ValueError(f"draws must be a non-negative integer, got {draws!r}")
@@ -137,10 +139,15 @@ def inducing_data_precision(model: nn.Module, scorer, questions, draws: int = 0,
     per_factor: dict[str, list[torch.Tensor]] = defaultdict(list)
     for factor, total in zip(factors, fisher):
         per_factor[names[id(factor)]].append(total)
+    sds: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for factor in factors:
+        sds[names[id(factor)]].append(factor.u_sd.detach().flatten())
     return {name: {"trace_mean": sum(t.trace().item() for t in totals) / len(totals),
                    "trace_max": max(t.trace().item() for t in totals),
                    "entry_max": max(t.diagonal().max().item() for t in totals),
-                   "eigen_max": max(torch.linalg.eigvalsh(t)[-1].item() for t in totals)}
+                   "eigen_max": max(torch.linalg.eigvalsh(t)[-1].item() for t in totals),
+                   "sd_mean": torch.cat(sds[name]).mean().item(),
+                   "sd_min": torch.cat(sds[name]).min().item()}
             for name, totals in per_factor.items()}
 
 

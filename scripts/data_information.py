@@ -10,7 +10,8 @@ summed over the training questions (`bayeslora.diagnostics.inducing_data_precisi
 deterministic point or, with `--draws K`, averaged over K posterior draws (the curvature a Gaussian
 variational posterior's precision settles at), in units of the prior's precision, which is 1 per entry:
 tr F (mean and largest over layers), the largest single entry F_ii, the largest eigenvalue e of F, and the
-posterior sd along that eigenvector under a Laplace approximation, 1 / sqrt(1 + e) (the prior's is 1).
+posterior sd along that eigenvector under a Laplace approximation, 1 / sqrt(1 + e) (the prior's is 1),
+and, to set against it, the mean and least of q0's standard deviations (what the run learned).
 Where e is far below 1 no direction of the inducing weights is informed by the data, and the ELBO's
 posterior over them can only be the prior.
 """
@@ -76,11 +77,12 @@ def main() -> None:
     table = Table(title=f"Fisher information of {len(train)} training answers about the inducing means "
                         f"({args.at}, {point}; prior precision 1 per entry)")
     for column in ("factor", "tr F, mean over layers", "tr F, largest", "largest F_ii", "largest eigenvalue",
-                   "its Laplace sd"):
+                   "its Laplace sd", "q0 sd, mean (min)"):
         table.add_column(column, justify="left" if column == "factor" else "right")
     for name, values in precision.items():
         table.add_row(name, f"{values['trace_mean']:.3g}", f"{values['trace_max']:.3g}", f"{values['entry_max']:.3g}",
-                      f"{values['eigen_max']:.3g}", f"{1 / math.sqrt(1 + values['eigen_max']):.4f}")
+                      f"{values['eigen_max']:.3g}", f"{1 / math.sqrt(1 + values['eigen_max']):.4f}",
+                      f"{values['sd_mean']:.3f} ({values['sd_min']:.3f})")
     Console().print(table)
     if args.json is not None:
         record = {"run": str(args.run), "at": args.at, "n_questions": len(train), "draws": args.draws,

@@ -196,6 +196,9 @@ def test_inducing_data_precision_is_the_expected_squared_score_of_the_answer(dra
             largest.append((vector @ t @ vector).item())
         assert precision[name]["eigen_max"] == pytest.approx(max(largest), rel=1e-4, abs=0)
         assert precision[name]["eigen_max"] < precision[name]["trace_max"]  # F is not rank one here
+        sds = torch.cat([torch.nn.functional.softplus(f.u_sd_raw).flatten() for f in factors if names[id(f)] == name])
+        assert precision[name]["sd_mean"] == pytest.approx(sds.mean().item(), rel=1e-6)
+        assert precision[name]["sd_min"] == pytest.approx(sds.min().item(), rel=1e-6)
     assert min(traces) > 0  # the answers do depend on the factor: the comparison is not of two zeros
     if draws:  # the draws are used: their average is not the deterministic point's value
         at_mean = inducing_data_precision(model, scorer, questions)
