@@ -37,7 +37,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from bayeslora.adapter import bayesian_factors, factor_groups, sampling
-from bayeslora.inducing import MEAN, InducingFactor, draw_variance_parts, draw_weights, kl_parts
+from bayeslora.inducing import MEAN, SAMPLE, InducingFactor, draw_variance_parts, draw_weights, kl_parts
 from bayeslora.kl_guard import MissingKLWarning
 
 #: a mean mutual information below this is float rounding, not disagreement between draws (nats)
@@ -90,48 +90,64 @@ def inducing_variance_shares(model: nn.Module) -> dict[str, float]:
     return {name: sum(values) / len(values) for name, values in shares.items()}
 
 
-def inducing_data_precision(model: nn.Module, scorer, questions) -> dict[str, dict[str, float]]:
+def inducing_data_precision(model: nn.Module, scorer, questions, draws: int = 0, seed: int = 0) -> dict[str, dict[str, float]]:
     """How much the answers to `questions` can tell each Bayesian factor's inducing mean, in units of the prior.
 
     The prior of the whitened inducing matrix M is N(0, I): precision 1 per entry. What the data add is the
-    Fisher information of the answer given the question, summed over the questions, at the posterior's
-    deterministic point (sampling mode "mean"). With choice logits z_n, p_n = softmax(z_n) and
-    J_n = dz_n / dM, its diagonal is
+    Fisher information of the answer given the question, summed over the questions. With choice logits z_n,
+    p_n = softmax(z_n) and J_n = dz_n / dM, its diagonal is
 
         F_ii = sum_n sum_c p_nc (J_nci - sum_c' p_nc' J_nc'i)^2,
 
-    the diagonal of the generalised Gauss-Newton matrix sum_n J_n^T (diag p_n - p_n p_n^T) J_n of the NLL
-    (one backward pass per answer choice). Under a Laplace approximation entry i's posterior precision is
-    1 + F_ii, so F_ii << 1 leaves it at the prior whatever the optimiser does; and every eigenvalue of F is
-    at most tr F, so a factor with tr F << 1 has no direction the data inform.
+    the diagonal of the generalised Gauss-Newton matrix F = sum_n J_n^T (diag p_n - p_n p_n^T) J_n of the NLL
+    (one backward pass per answer choice), accumulated whole (M has m_r m_c entries). With `draws` = 0 it is
+    taken at the posterior's deterministic point (sampling mode "mean"); with `draws` = K it is the average over K posterior draws (draw k from
+    `sampling`'s seed `seed + k`, the same weights for every question), the expected curvature that a
+    Gaussian variational posterior's precision settles at (prior precision + E_q[GGN]), where each factor's
+    partner is as large as its draws, not as its mean. Entry i's posterior precision is then about
+    1 + F_ii, and along an eigenvector of F with eigenvalue e it is 1 + e: a factor whose largest eigenvalue
+    is << 1 has no direction the data inform, and stays at the prior whatever the optimiser does.
 
     Returns, per factor name (`q_proj.lora_A`, ...), over the layers: `trace_mean` and `trace_max` of tr F,
-    and `entry_max`, the largest F_ii.
+    `entry_max`, the largest F_ii, and `eigen_max`, the largest eigenvalue of F; beside them what q0 holds,
+    `sd_mean` and `sd_min` of its standard deviations over M's entries (the prior's are 1), to set what
+    the posterior learned against what the data can tell.
     """
+    if not isinstance(draws, int) or isinstance(draws, bool) or draws < 0:
+        raise ValueError(f"draws must be a non-negative integer, got {draws!r}")
     factors = list(bayesian_factors(model))
     if not factors:
         raise ValueError("the model has no Bayesian factors (was it built with get_bayeslora_model?)")
     means = [factor.u_mean for factor in factors]
-    fisher = [torch.zeros_like(mean, dtype=torch.float64) for mean in means]
+    fisher = [torch.zeros(mean.numel(), mean.numel(), dtype=torch.float64, device=mean.device) for mean in means]
+    points = [(MEAN, None)] if draws == 0 else [(SAMPLE, seed + k) for k in range(draws)]
     for question in questions:
-        with sampling(model, MEAN, hold=True):  # a fresh graph per question: its draw is held for its passes
-            logits = scorer.choice_logits(model, scorer.collate([question]))[0]
-        logits = logits[torch.isfinite(logits)]
-        probs = logits.softmax(-1).detach().double()
-        with warnings.catch_warnings():  # these gradients measure the likelihood; nothing is trained without the KL
-            warnings.simplefilter("ignore", MissingKLWarning)
-            jacobian = [torch.stack(rows).double() for rows in zip(*(
-                torch.autograd.grad(logit, means, retain_graph=c < len(logits) - 1) for c, logit in enumerate(logits)))]
-        for total, rows in zip(fisher, jacobian):  # rows: [choices, *M's shape]
-            weights = probs.view(-1, *[1] * (rows.dim() - 1))
-            total += (weights * (rows - (weights * rows).sum(0)).square()).sum(0)
+        for mode, draw_seed in points:
+            # a fresh graph per question and point: its draw is held for the question's passes
+            with sampling(model, mode, seed=draw_seed, hold=True):
+                logits = scorer.choice_logits(model, scorer.collate([question]))[0]
+            logits = logits[torch.isfinite(logits)]
+            probs = logits.softmax(-1).detach().double()
+            with warnings.catch_warnings():  # these gradients measure the likelihood; nothing is trained without the KL
+                warnings.simplefilter("ignore", MissingKLWarning)
+                jacobian = [torch.stack(rows).double() for rows in zip(*(
+                    torch.autograd.grad(logit, means, retain_graph=c < len(logits) - 1) for c, logit in enumerate(logits)))]
+            for total, rows in zip(fisher, jacobian):  # rows: [choices, *M's shape]
+                centred = rows.flatten(1) - probs @ rows.flatten(1)
+                total += centred.T @ (probs[:, None] * centred) / len(points)
     names = _factor_names(model)
     per_factor: dict[str, list[torch.Tensor]] = defaultdict(list)
     for factor, total in zip(factors, fisher):
         per_factor[names[id(factor)]].append(total)
-    return {name: {"trace_mean": sum(t.sum().item() for t in totals) / len(totals),
-                   "trace_max": max(t.sum().item() for t in totals),
-                   "entry_max": max(t.max().item() for t in totals)}
+    sds: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for factor in factors:
+        sds[names[id(factor)]].append(factor.u_sd.detach().flatten())
+    return {name: {"trace_mean": sum(t.trace().item() for t in totals) / len(totals),
+                   "trace_max": max(t.trace().item() for t in totals),
+                   "entry_max": max(t.diagonal().max().item() for t in totals),
+                   "eigen_max": max(torch.linalg.eigvalsh(t)[-1].item() for t in totals),
+                   "sd_mean": torch.cat(sds[name]).mean().item(),
+                   "sd_min": torch.cat(sds[name]).min().item()}
             for name, totals in per_factor.items()}
 
 

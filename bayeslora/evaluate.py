@@ -26,6 +26,7 @@ import bayeslora
 from bayeslora.adapter import check_adapter, load_adapter
 from bayeslora.adapter_source import read_adapter_config
 from bayeslora.diagnostics import draw_disagreement
+from bayeslora.environment import library_versions
 from bayeslora.errors import UsageError, check_count
 from bayeslora.files import write_atomically
 from bayeslora.methods import METHODS, Method, check_method_name, get_method
@@ -110,6 +111,7 @@ def evaluate(
         **all_metrics(predictions.probs, predictions.answers),
         **draw_disagreement(predictions),
         "seconds": seconds,
+        "libraries": library_versions(),
         "units": {
             "accuracy_percent": "percent",
             "ece_percent": "percent, 15 equal-width confidence bins",
@@ -119,6 +121,7 @@ def evaluate(
             "mutual_information": "nats per question (mean; _wrong / _right: over wrongly / rightly answered ones)",
             "draw_spread": "standard deviation over draws of a choice's log-probability, mean over choices and questions",
             "seconds": "wall-clock seconds of scoring",
+            "libraries": "installed versions of Python and the libraries the result depends on",
         },
     }
     return results, predictions

@@ -46,6 +46,7 @@ from torch import nn
 
 from bayeslora.adapter import whole_factor_vectors
 from bayeslora.checkpoint import check_output_dir, start_run_dir
+from bayeslora.environment import library_versions
 from bayeslora.errors import UsageError
 from bayeslora.evaluate import evaluate, write_outputs
 from bayeslora.files import write_atomically, write_files_atomically
@@ -204,7 +205,7 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
         save_method_state(output, method, options=settings.method_options, lora=lora, model=settings.model,
                           loading=settings.loading(), evaluation=evaluation_record(settings))
         summary = {"n_train": len(train), "n_validation": len(validation), "train_seconds": train_seconds,
-                   "members": [dataclasses.asdict(r) for r in results]}
+                   "libraries": library_versions(), "members": [dataclasses.asdict(r) for r in results]}
         write_atomically(output / "training.json", json.dumps(summary, indent=1))
     after = None
     if evaluation:

@@ -1,12 +1,23 @@
 """Shared test fixtures: tiny random causal LMs that build in milliseconds on CPU."""
 
+import platform
+
+import accelerate
+import peft
 import pytest
 import torch
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 # Tests run tiny tensors, for which thread start-up costs more than it saves (and on a busy
 # 2-core machine multi-threaded small ops are an order of magnitude slower).
 torch.set_num_threads(1)
+
+
+def libraries_of_this_process() -> dict[str, str]:
+    """What `library_versions` must record, read from the imported modules rather than package metadata."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__}
 
 
 def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, layers: int = 2) -> LlamaForCausalLM:

@@ -140,8 +140,28 @@ def test_noise_scale_range_is_lambda_times_the_extreme_row_and_column_scales():
     assert "noise_scale_min" not in posterior_state(_model())  # only where the model has noise scales
 
 
-def test_inducing_data_precision_is_the_expected_squared_score_of_the_answer():
-    """Against the Fisher information written as E_{y ~ p}[(d log p_y / dM)^2], per question, summed."""
+def _expected_score_products(model, scorer, questions, points) -> list[torch.Tensor]:
+    """Per Bayesian factor, E_{y ~ p}[s_y s_y^T] with s_y = d log p_y / dM (flattened), summed over the
+    questions, averaged over the (sampling mode, seed) points."""
+    factors = list(bayeslora.adapter.bayesian_factors(model))
+    expected = [torch.zeros(f.u_mean.numel(), f.u_mean.numel()) for f in factors]
+    for question in questions:
+        for mode, seed in points:
+            for label in range(len(question.choices)):
+                with bayeslora.sampling(model, mode, seed=seed, hold=True):
+                    log_probs = scorer.choice_logits(model, scorer.collate([question]))[0].log_softmax(-1)
+                with warnings.catch_warnings():  # the reference's gradients are no training either
+                    warnings.simplefilter("ignore", bayeslora.kl_guard.MissingKLWarning)
+                    scores = torch.autograd.grad(log_probs[label], [f.u_mean for f in factors])
+                for total, score in zip(expected, scores):
+                    total += log_probs[label].exp().detach() * torch.outer(score.flatten(), score.flatten()) / len(points)
+    return expected
+
+
+@pytest.mark.parametrize("draws", [0, 3])
+def test_inducing_data_precision_is_the_expected_squared_score_of_the_answer(draws):
+    """Against the Fisher information written as E_{y ~ p}[(d log p_y / dM)^2], per question, summed; at the
+    deterministic point, or averaged over posterior draws."""
     from bayeslora.diagnostics import inducing_data_precision
     from bayeslora.scoring import Scorer
     from bayeslora.tasks import load_task_file
@@ -152,26 +172,41 @@ def test_inducing_data_precision_is_the_expected_squared_score_of_the_answer():
     questions = load_task_file("bayeslora/tasks/fixtures/questions.jsonl")[:3]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        precision = inducing_data_precision(model, scorer, questions)
+        precision = inducing_data_precision(model, scorer, questions, draws=draws, seed=5)
     assert not caught  # measuring is not training: no missing-KL warning
 
+    points = [("mean", None)] if draws == 0 else [("sample", 5 + k) for k in range(draws)]
+    expected = _expected_score_products(model, scorer, questions, points)
     factors = list(bayeslora.adapter.bayesian_factors(model))
-    expected = [torch.zeros_like(f.u_mean) for f in factors]
-    for question in questions:
-        for label in range(len(question.choices)):
-            with bayeslora.sampling(model, "mean", hold=True):
-                log_probs = scorer.choice_logits(model, scorer.collate([question]))[0].log_softmax(-1)
-            with warnings.catch_warnings():  # the reference's gradients are no training either
-                warnings.simplefilter("ignore", bayeslora.kl_guard.MissingKLWarning)
-                scores = torch.autograd.grad(log_probs[label], [f.u_mean for f in factors])
-            for total, score in zip(expected, scores):
-                total += log_probs[label].exp().detach() * score.square()
     names = {id(m): n.split(".")[-3] + "." + n.split(".")[-2] for n, m in model.named_modules()
              if isinstance(m, bayeslora.InducingFactor)}
     for name in ("q_proj.lora_A", "q_proj.lora_B"):
-        traces = [t.sum().item() for f, t in zip(factors, expected) if names[id(f)] == name]
-        entries = [t.max().item() for f, t in zip(factors, expected) if names[id(f)] == name]
+        mine = [t.double() for f, t in zip(factors, expected) if names[id(f)] == name]
+        traces = [t.trace().item() for t in mine]
         assert precision[name]["trace_mean"] == pytest.approx(sum(traces) / len(traces), rel=1e-4, abs=0)
         assert precision[name]["trace_max"] == pytest.approx(max(traces), rel=1e-4, abs=0)
-        assert precision[name]["entry_max"] == pytest.approx(max(entries), rel=1e-4, abs=0)
+        assert precision[name]["entry_max"] == pytest.approx(max(t.diagonal().max().item() for t in mine), rel=1e-4, abs=0)
+        # the largest eigenvalue: the Rayleigh quotient's maximum, found here by power iteration
+        largest = []
+        for t in mine:
+            vector = torch.ones(t.shape[0], dtype=torch.float64)
+            for _ in range(2000):
+                vector = t @ vector
+                vector /= vector.norm()
+            largest.append((vector @ t @ vector).item())
+        assert precision[name]["eigen_max"] == pytest.approx(max(largest), rel=1e-4, abs=0)
+        assert precision[name]["eigen_max"] < precision[name]["trace_max"]  # F is not rank one here
+        sds = torch.cat([torch.nn.functional.softplus(f.u_sd_raw).flatten() for f in factors if names[id(f)] == name])
+        assert precision[name]["sd_mean"] == pytest.approx(sds.mean().item(), rel=1e-6)
+        assert precision[name]["sd_min"] == pytest.approx(sds.min().item(), rel=1e-6)
     assert min(traces) > 0  # the answers do depend on the factor: the comparison is not of two zeros
+    if draws:  # the draws are used: their average is not the deterministic point's value
+        at_mean = inducing_data_precision(model, scorer, questions)
+        assert precision["q_proj.lora_A"]["trace_mean"] != pytest.approx(at_mean["q_proj.lora_A"]["trace_mean"], rel=1e-3)
+
+
+def test_inducing_data_precision_refuses_a_negative_number_of_draws():
+    from bayeslora.diagnostics import inducing_data_precision
+
+    with pytest.raises(ValueError, match="draws must be a non-negative integer, got -1"):
+        inducing_data_precision(_model(), None, [], draws=-1)

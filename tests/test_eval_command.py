@@ -12,7 +12,7 @@ from bayeslora.cli import main
 from bayeslora.evaluate import evaluate
 from bayeslora.metrics import all_metrics
 from bayeslora.tasks import load_task_file
-from tests.conftest import make_tiny_llama, make_tiny_tokenizer
+from tests.conftest import libraries_of_this_process, make_tiny_llama, make_tiny_tokenizer
 
 FIXTURE = "bayeslora/tasks/fixtures/questions.jsonl"
 
@@ -38,6 +38,7 @@ def test_writes_results_predictions_and_diagram(tiny_model_dir, tmp_path, scorin
                   "ece_percent", "mce_percent", "nll", "brier", "seconds", "protocol_version"):
         assert field in results
     assert results["n_examples"] == 8 and results["n_samples"] == 1 and results["scoring"] == scoring
+    assert {name: results["libraries"][name] for name in libraries_of_this_process()} == libraries_of_this_process()
     records = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
     questions = load_task_file(FIXTURE)
     assert [record["id"] for record in records] == [question.id for question in questions]

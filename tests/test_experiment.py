@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from bayeslora.cli import main
 from bayeslora.presets import FIXTURE_MODEL
+from tests.conftest import libraries_of_this_process
 from tests.test_train_loop import one_thread  # noqa: F401 (fixture)
 
 # a YAML file as people write it: PyYAML reads 5e-4 (no dot) as the string '5e-4'
@@ -52,8 +53,10 @@ def test_a_compare_unit_is_the_train_run_with_the_same_settings(tmp_path, capsys
         assert all(torch.equal(expected[name], actual[name]) for name in expected)
     # one meaning of validation: the task's validation role (capped by limit_validation), not a train hold-out
     for folder in (train, unit):
-        assert {k: v for k, v in json.loads((folder / "training.json").read_text()).items() if k not in ("members", "train_seconds")} == \
+        summary = json.loads((folder / "training.json").read_text())
+        assert {k: v for k, v in summary.items() if k not in ("members", "train_seconds", "libraries")} == \
             {"n_train": 48, "n_validation": 8}
+        assert {name: summary["libraries"][name] for name in libraries_of_this_process()} == libraries_of_this_process()
     results, unit_results = (json.loads((folder / "results.json").read_text()) for folder in (train, unit))
     assert {key: results[key] for key in METRICS} == {key: unit_results[key] for key in METRICS}
     assert results["n_samples"] == (3 if method == "ensemble" else 4)  # the method's own default

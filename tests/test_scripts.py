@@ -118,18 +118,22 @@ def test_data_information_rebuilds_the_run_s_initial_adapter(tmp_path, monkeypat
                            "--scoring", "cloze", "--max-steps", "1", "--batch-size", "4", "--validation-size", "4",
                            "--lr", "1e-12", "--seed", "3", "--precision", "fp32", "--output", str(run)]) == 0
     script = _script("data_information")
-    numbers = {}
-    for at in ("init", "trained"):
-        monkeypatch.setattr("sys.argv", ["data_information.py", str(run), "--at", at, "--json", str(tmp_path / f"{at}.json")])
-        script.main()
-        numbers[at] = json.loads((tmp_path / f"{at}.json").read_text())
-    assert numbers["init"]["n_questions"] == 8  # the 12 questions less the 4 held out for validation
-    init, trained = numbers["init"]["factors"], numbers["trained"]["factors"]
-    assert init.keys() == trained.keys() and init
-    for name in init:
-        assert init[name]["trace_mean"] > 0
-        for key in ("trace_mean", "trace_max", "entry_max"):
-            assert init[name][key] == pytest.approx(trained[name][key], rel=1e-4, abs=0)  # the numbers are tiny
+    for draws in (0, 2):  # at the deterministic point, and averaged over posterior draws
+        numbers = {}
+        for at in ("init", "trained"):
+            output = tmp_path / f"{at}-{draws}.json"
+            monkeypatch.setattr("sys.argv", ["data_information.py", str(run), "--at", at, "--draws", str(draws),
+                                             "--json", str(output)])
+            script.main()
+            numbers[at] = json.loads(output.read_text())
+        assert numbers["init"]["n_questions"] == 8  # the 12 questions less the 4 held out for validation
+        assert numbers["init"]["draws"] == numbers["trained"]["draws"] == draws
+        init, trained = numbers["init"]["factors"], numbers["trained"]["factors"]
+        assert init.keys() == trained.keys() and init
+        for name in init:
+            assert init[name]["trace_mean"] > 0
+            for key in ("trace_mean", "trace_max", "entry_max"):
+                assert init[name][key] == pytest.approx(trained[name][key], rel=1e-4, abs=0)  # the numbers are tiny
 
 
 def test_data_information_refuses_a_run_without_inducing_weights_or_saved_adapter(tmp_path, monkeypatch, capsys):
