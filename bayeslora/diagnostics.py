@@ -90,7 +90,9 @@ def inducing_variance_shares(model: nn.Module) -> dict[str, float]:
     return {name: sum(values) / len(values) for name, values in shares.items()}
 
 
-def inducing_data_precision(model: nn.Module, scorer, questions, draws: int = 0, seed: int = 0) -> dict[str, dict[str, float]]:
+def inducing_data_precision(
+    model: nn.Module, scorer, questions, draws: int = 0, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """How much the answers to `questions` can tell each Bayesian factor's inducing mean, in units of the prior.
 
     The prior of the whitened inducing matrix M is N(0, I): precision 1 per entry. What the data add is the
@@ -101,12 +103,13 @@ def inducing_data_precision(model: nn.Module, scorer, questions, draws: int = 0,
 
     the diagonal of the generalised Gauss-Newton matrix F = sum_n J_n^T (diag p_n - p_n p_n^T) J_n of the NLL
     (one backward pass per answer choice), accumulated whole (M has m_r m_c entries). With `draws` = 0 it is
-    taken at the posterior's deterministic point (sampling mode "mean"); with `draws` = K it is the average over K posterior draws (draw k from
-    `sampling`'s seed `seed + k`, the same weights for every question), the expected curvature that a
-    Gaussian variational posterior's precision settles at (prior precision + E_q[GGN]), where each factor's
-    partner is as large as its draws, not as its mean. Entry i's posterior precision is then about
-    1 + F_ii, and along an eigenvector of F with eigenvalue e it is 1 + e: a factor whose largest eigenvalue
-    is << 1 has no direction the data inform, and stays at the prior whatever the optimiser does.
+    taken at the posterior's deterministic point (sampling mode "mean"); with `draws` = K it is the average
+    over K posterior draws (draw k from `sampling`'s seed `seed + k`, the same weights for every question),
+    the expected curvature that a Gaussian variational posterior's precision settles at (prior precision +
+    E_q[GGN]), where each factor's partner is as large as its draws, not as its mean. Entry i's posterior
+    precision is then about 1 + F_ii, and along an eigenvector of F with eigenvalue e it is 1 + e: a factor
+    whose largest eigenvalue is << 1 has no direction the data inform, and stays at the prior whatever the
+    optimiser does.
 
     Returns, per factor name (`q_proj.lora_A`, ...), over the layers: `trace_mean` and `trace_max` of tr F,
     `entry_max`, the largest F_ii, and `eigen_max`, the largest eigenvalue of F; beside them what q0 holds,
