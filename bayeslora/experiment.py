@@ -124,6 +124,12 @@ def load_trained_adapter(model: nn.Module, directory: Path) -> None:
         raise UsageError(f"{path} does not fit this method's adapter (first mismatch: {mismatch[0]})")
 
 
+def run_scorer(tokenizer, settings: TrainSettings, model_config) -> Scorer:
+    """The scorer a run's settings define (scoring, normalization, truncation) for a model of `model_config`."""
+    return Scorer(tokenizer, settings.scoring, normalization=settings.normalization,
+                  max_length=context_length(model_config), truncate_left=settings.truncate_left)
+
+
 def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = (), *, resume: bool = False,
                    overwrite: bool = False) -> Experiment | None:
     """Train and evaluate one adapter into `settings.output` (see the module docstring); None on other processes.
@@ -143,9 +149,7 @@ def run_experiment(settings: TrainSettings, extra_eval_tasks: Sequence[str] = ()
     # fail before loading weights or writing anything if the model cannot score every question (letter
     # labels that are not single tokens, questions longer than its context)
     every = [*train, *validation, *evaluation, *(q for questions in extras.values() for q in questions)]
-    Scorer(load_tokenizer(settings.model), settings.scoring, normalization=settings.normalization,
-           max_length=context_length(load_model_config(settings.model)), truncate_left=settings.truncate_left,
-           ).check(every)
+    run_scorer(load_tokenizer(settings.model), settings, load_model_config(settings.model)).check(every)
     # without a GPU, accelerate runs several launched processes as one gloo group only when told cpu=True
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **accelerator_options(settings.report_to, output))
     if accelerator.num_processes != int(os.environ.get("WORLD_SIZE", "1")):
@@ -168,8 +172,7 @@ def _train_and_evaluate(settings: TrainSettings, method: Method, train: list[Que
                         accelerator: Accelerator, resume: bool) -> Experiment | None:
     """`run_experiment` once its inputs are checked and its output directory is locked and recorded."""
     model, tokenizer = load_model(settings.model, **settings.loading())
-    scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization,
-                    max_length=context_length(model.config), truncate_left=settings.truncate_left)
+    scorer = run_scorer(tokenizer, settings, model.config)
     zero_shot = None
     if settings.zero_shot and evaluation and accelerator.is_main_process:
         if (output / "zero_shot" / "results.json").is_file():  # a resumed run evaluated the base model already

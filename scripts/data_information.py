@@ -30,12 +30,11 @@ from tqdm import tqdm
 
 from bayeslora.checkpoint import RUN_FILE
 from bayeslora.diagnostics import inducing_data_precision
-from bayeslora.experiment import load_questions, load_trained_adapter
+from bayeslora.experiment import load_questions, load_trained_adapter, run_scorer
 from bayeslora.files import write_atomically
 from bayeslora.methods import get_method
-from bayeslora.models import context_length, load_model
+from bayeslora.models import load_model
 from bayeslora.saved_files import read_json_object
-from bayeslora.scoring import Scorer
 from bayeslora.train_settings import make_settings
 
 
@@ -68,8 +67,7 @@ def main() -> None:
     model = get_method(settings.method, **settings.method_options).prepare(model, settings.lora())
     if args.at == "trained":
         load_trained_adapter(model, args.run)
-    scorer = Scorer(tokenizer, settings.scoring, normalization=settings.normalization,
-                    max_length=context_length(model.config), truncate_left=settings.truncate_left)
+    scorer = run_scorer(tokenizer, settings, model.config)
     precision = inducing_data_precision(model, scorer, tqdm(train, desc="Fisher information", unit="question"),
                                         draws=args.draws)
     point = f"mean over {args.draws} posterior draws" if args.draws else "deterministic point"
