@@ -139,19 +139,18 @@ def inducing_data_precision(
                 centred = rows.flatten(1) - probs @ rows.flatten(1)
                 total += centred.T @ (probs[:, None] * centred) / len(points)
     names = _factor_names(model)
-    per_factor: dict[str, list[torch.Tensor]] = defaultdict(list)
+    per_factor: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
     for factor, total in zip(factors, fisher):
-        per_factor[names[id(factor)]].append(total)
-    sds: dict[str, list[torch.Tensor]] = defaultdict(list)
-    for factor in factors:
-        sds[names[id(factor)]].append(factor.u_sd.detach().flatten())
-    return {name: {"trace_mean": sum(t.trace().item() for t in totals) / len(totals),
-                   "trace_max": max(t.trace().item() for t in totals),
-                   "entry_max": max(t.diagonal().max().item() for t in totals),
-                   "eigen_max": max(torch.linalg.eigvalsh(t)[-1].item() for t in totals),
-                   "sd_mean": torch.cat(sds[name]).mean().item(),
-                   "sd_min": torch.cat(sds[name]).min().item()}
-            for name, totals in per_factor.items()}
+        per_factor[names[id(factor)]].append((total, factor.u_sd.detach().flatten()))
+    summary = {}
+    for name, layers in per_factor.items():
+        totals, sds = [total for total, _ in layers], torch.cat([sd for _, sd in layers])
+        summary[name] = {"trace_mean": sum(t.trace().item() for t in totals) / len(totals),
+                         "trace_max": max(t.trace().item() for t in totals),
+                         "entry_max": max(t.diagonal().max().item() for t in totals),
+                         "eigen_max": max(torch.linalg.eigvalsh(t)[-1].item() for t in totals),
+                         "sd_mean": sds.mean().item(), "sd_min": sds.min().item()}
+    return summary
 
 
 @torch.no_grad()
